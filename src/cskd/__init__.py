@@ -1,0 +1,1 @@
+"""cskd: Cumulative Spatial Knowledge Distillation for Vision Transformers."""

@@ -1,0 +1,218 @@
+"""Adapters that give timm models the dense outputs CSKD needs, without editing timm.
+
+``DenseTeacher`` wraps a timm CNN whose head is global average pooling then a linear layer and
+applies that layer at every location of the final feature map: the dense logits P_local. The
+ordinary output is P_global, and P_global is the spatial mean of P_local.
+
+``DenseStudent`` wraps a timm ViT and applies its distillation head (the class head for a model
+without a distillation token) to every patch token after the final norm: Z_patch. It adds no
+parameters, and returns the same named structure in train and eval mode.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import timm
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .align import align_to_grid
+from .checkpoint import load_weights
+
+INFERENCE_RULES = ("cls", "cls+dist", "cls+dist+patch")
+
+
+class TeacherError(ValueError):
+    """The teacher cannot give the dense responses CSKD needs."""
+
+
+@dataclass
+class TeacherOutput:
+    dense_logits: torch.Tensor  # (N, K, H, W): the classifier at every feature-map location
+    global_logits: torch.Tensor  # (N, K): the model's ordinary output
+
+
+@dataclass
+class StudentOutput:
+    cls_logits: torch.Tensor  # (N, K): class-token head
+    dist_logits: torch.Tensor | None  # (N, K): distillation-token head, None without the token
+    patch_logits: torch.Tensor  # (N, M, K): patch head on each token, row-major on patch_grid
+    patch_grid: tuple[int, int]  # the grid patch_logits lies on: (h, w), or the output_grid asked
+
+
+def _first_conv_channels(model: nn.Module) -> int:
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return conv.in_channels if conv is not None else 3
+
+
+class DenseTeacher(nn.Module):
+    """A frozen timm CNN that returns :class:`TeacherOutput`.
+
+    At construction a random batch of ``check_size`` pixels checks that the mean of the dense
+    logits equals the model's output; heads for which it cannot hold are refused.
+    """
+
+    def __init__(self, model: nn.Module, *, name: str | None = None, check_size: int = 64) -> None:
+        super().__init__()
+        self.name = name or type(model).__name__
+        classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+        if not isinstance(classifier, nn.Linear):
+            raise TeacherError(
+                f"teacher {self.name}: its classifier is {type(classifier).__name__}, not a linear "
+                "layer, so it cannot be applied at every location; use a CNN whose head is global "
+                "average pooling then a linear layer (ResNet, RegNet, EfficientNet)"
+            )
+        self.model = model
+        self.classifier = classifier
+        self.model.requires_grad_(False)
+        self.model.eval()
+        self._check_dense_head(check_size)
+
+    @property
+    def num_classes(self) -> int:
+        return self.classifier.out_features
+
+    def train(self, mode: bool = True) -> DenseTeacher:
+        """The teacher stays in eval mode whatever its parent asks."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> TeacherOutput:
+        features = self.model.forward_features(images)  # (N, C_f, H, W)
+        global_logits = self.model.forward_head(features)  # (N, K)
+        weight = self.classifier.weight[:, :, None, None]  # (K, C_f, 1, 1)
+        dense_logits = F.conv2d(features, weight, self.classifier.bias)  # (N, K, H, W)
+        return TeacherOutput(dense_logits=dense_logits, global_logits=global_logits)
+
+    def _check_dense_head(self, size: int) -> None:
+        generator = torch.Generator().manual_seed(0)
+        parameter = next(self.model.parameters())
+        images = torch.randn(2, _first_conv_channels(self.model), size, size, generator=generator)
+        output = self(images.to(device=parameter.device, dtype=parameter.dtype))
+        mean = output.dense_logits.float().mean(dim=(2, 3))
+        reference = output.global_logits.float()
+        error = (mean - reference).abs().max().item()
+        if error > 1e-3 * (1.0 + reference.abs().max().item()):
+            raise TeacherError(
+                f"teacher {self.name}: the mean of its dense logits differs from its output by "
+                f"{error:.3g}, so its head is not global average pooling then a linear layer "
+                "(normalisation or an MLP after pooling, as in ConvNeXt, cannot give dense logits); "
+                "choose a teacher such as a ResNet, RegNet or EfficientNet"
+            )
+
+
+def load_teacher(
+    name: str,
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    num_classes: int,
+    pretrained_tag: str | None = None,
+    **model_kwargs,
+) -> DenseTeacher:
+    """Build the timm model ``name`` with its weights and wrap it as a :class:`DenseTeacher`.
+
+    ``checkpoint``: a local ``.safetensors`` file, a plain state dict, or a dict with a ``model``
+    entry (DeiT's released ``regnety_160`` weights), always read without unpickling code.
+    Without a checkpoint, ``pretrained_tag`` (e.g. ``deit_in1k``) asks timm's hub for weights.
+    """
+    if checkpoint:
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes, **model_kwargs)
+        load_weights(model, checkpoint, what=f"teacher {name}")
+    elif pretrained_tag:
+        model = timm.create_model(
+            f"{name}.{pretrained_tag}", pretrained=True, num_classes=num_classes, **model_kwargs
+        )
+    else:
+        raise TeacherError(
+            f"teacher {name} has no weights: set teacher.checkpoint to a local file or "
+            "teacher.pretrained_tag to a timm tag (e.g. deit_in1k)"
+        )
+    return DenseTeacher(model, name=name)
+
+
+class DenseStudent(nn.Module):
+    """A timm ViT that returns :class:`StudentOutput` in train and eval mode alike.
+
+    Its ``state_dict`` is the wrapped timm model's, so it loads into ``timm.create_model(name)``.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        if not hasattr(model, "patch_embed") or not hasattr(model, "num_prefix_tokens"):
+            raise TypeError(
+                f"{type(model).__name__} is not a timm Vision Transformer "
+                "(it has no patch_embed / num_prefix_tokens)"
+            )
+        self.model = model
+        self.distilled = getattr(model, "dist_token", None) is not None
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """(h, w): the patch grid for the model's configured image size."""
+        return tuple(self.model.patch_embed.grid_size)
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
+
+    @property
+    def patch_head(self) -> nn.Module:
+        """The head applied to patch tokens: the distillation head, or the class head."""
+        return self.model.head_dist if self.distilled else self.model.head
+
+    def state_dict(self, *args, **kwargs):
+        return self.model.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _grid_for(self, images: torch.Tensor) -> tuple[int, int]:
+        if getattr(self.model, "dynamic_img_size", False):
+            return tuple(self.model.patch_embed.dynamic_feat_size(images.shape[-2:]))
+        return self.grid_size
+
+    def forward(
+        self, images: torch.Tensor, *, output_grid: tuple[int, int] | None = None
+    ) -> StudentOutput:
+        """Run the ViT once and apply its heads.
+
+        With ``output_grid`` (the teacher's H x W) the patch tokens are pooled to that grid before
+        the head (exact, since pooling and the head are both linear), and ``patch_logits`` is
+        (N, H*W, K).
+        """
+        model = self.model
+        tokens = model.forward_features(images)  # (N, P + M, D), after the final norm
+        if self.distilled:
+            cls_logits = model.head(model.head_drop(tokens[:, 0]))  # (N, K)
+            dist_logits = model.head_dist(model.head_drop(tokens[:, 1]))  # (N, K)
+        else:
+            cls_logits = model.forward_head(tokens)  # (N, K)
+            dist_logits = None
+        patches = tokens[:, model.num_prefix_tokens :]  # (N, M, D), M = h * w row-major
+        patches = model.fc_norm(patches) if hasattr(model, "fc_norm") else patches
+        grid = self._grid_for(images)
+        if output_grid is not None:
+            patches = align_to_grid(patches, grid, output_grid)  # (N, H*W, D)
+            grid = tuple(output_grid)
+        patch_logits = self.patch_head(model.head_drop(patches))  # (N, M or H*W, K)
+        return StudentOutput(cls_logits, dist_logits, patch_logits, grid)
+
+
+def combine_heads(output: StudentOutput, rule: str = "cls+dist+patch") -> torch.Tensor:
+    """Inference logits (N, K) under a named rule.
+
+    ``cls``: class head. ``cls+dist``: mean of class and distillation heads (DeiT).
+    ``cls+dist+patch``: mean of class head, distillation head and the patch head averaged over
+    locations (the released CSKD code). Heads a model lacks are left out of the mean.
+    """
+    if rule not in INFERENCE_RULES:
+        raise ValueError(f"unknown inference rule {rule!r}: choose one of {INFERENCE_RULES}")
+    heads = [output.cls_logits]
+    if rule != "cls" and output.dist_logits is not None:
+        heads.append(output.dist_logits)
+    if rule == "cls+dist+patch":
+        heads.append(output.patch_logits.mean(dim=1))
+    return torch.stack(heads).mean(dim=0)
