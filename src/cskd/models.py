@@ -39,7 +39,7 @@ class TeacherOutput:
 class StudentOutput:
     cls_logits: torch.Tensor  # (N, K): class-token head
     dist_logits: torch.Tensor | None  # (N, K): distillation-token head, None without the token
-    patch_logits: torch.Tensor  # (N, M, K): patch head on each token, row-major on patch_grid
+    patch_logits: torch.Tensor | None  # (N, M, K): patch head per token, row-major on patch_grid
     patch_grid: tuple[int, int]  # the grid patch_logits lies on: (h, w), or the output_grid asked
 
 
@@ -175,13 +175,18 @@ class DenseStudent(nn.Module):
         return self.grid_size
 
     def forward(
-        self, images: torch.Tensor, *, output_grid: tuple[int, int] | None = None
+        self,
+        images: torch.Tensor,
+        *,
+        output_grid: tuple[int, int] | None = None,
+        with_patches: bool = True,
     ) -> StudentOutput:
         """Run the ViT once and apply its heads.
 
         With ``output_grid`` (the teacher's H x W) the patch tokens are pooled to that grid before
         the head (exact, since pooling and the head are both linear), and ``patch_logits`` is
-        (N, H*W, K).
+        (N, H*W, K); ``(1, 1)`` gives the mean patch logits the ``cls+dist+patch`` rule needs.
+        ``with_patches=False`` skips the patch head (``patch_logits`` is None).
         """
         model = self.model
         tokens = model.forward_features(images)  # (N, P + M, D), after the final norm
@@ -191,6 +196,8 @@ class DenseStudent(nn.Module):
         else:
             cls_logits = model.forward_head(tokens)  # (N, K)
             dist_logits = None
+        if not with_patches:
+            return StudentOutput(cls_logits, dist_logits, None, self._grid_for(images))
         patches = tokens[:, model.num_prefix_tokens :]  # (N, M, D), M = h * w row-major
         patches = model.fc_norm(patches) if hasattr(model, "fc_norm") else patches
         grid = self._grid_for(images)
@@ -206,13 +213,49 @@ def combine_heads(output: StudentOutput, rule: str = "cls+dist+patch") -> torch.
 
     ``cls``: class head. ``cls+dist``: mean of class and distillation heads (DeiT).
     ``cls+dist+patch``: mean of class head, distillation head and the patch head averaged over
-    locations (the released CSKD code). Heads a model lacks are left out of the mean.
+    locations (the released CSKD code). Heads a model lacks (no distillation token, or no patch
+    logits for a CNN) are left out of the mean.
     """
     if rule not in INFERENCE_RULES:
         raise ValueError(f"unknown inference rule {rule!r}: choose one of {INFERENCE_RULES}")
     heads = [output.cls_logits]
     if rule != "cls" and output.dist_logits is not None:
         heads.append(output.dist_logits)
-    if rule == "cls+dist+patch":
+    if rule == "cls+dist+patch" and output.patch_logits is not None:
         heads.append(output.patch_logits.mean(dim=1))
     return torch.stack(heads).mean(dim=0)
+
+
+class PlainClassifier(nn.Module):
+    """Any timm classifier (e.g. a CNN trained as a teacher with method ``none``) behind the
+    :class:`StudentOutput` contract: only ``cls_logits`` is set."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.distilled = False
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
+
+    def state_dict(self, *args, **kwargs):
+        return self.model.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def forward(self, images: torch.Tensor, **_: object) -> StudentOutput:
+        return StudentOutput(self.model(images), None, None, (1, 1))
+
+
+def wrap_student(model: nn.Module) -> DenseStudent | PlainClassifier:
+    """A ViT becomes a :class:`DenseStudent`; any other classifier a :class:`PlainClassifier`."""
+    if hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens"):
+        return DenseStudent(model)
+    return PlainClassifier(model)
+
+
+def rules_for(student: nn.Module) -> tuple[str, ...]:
+    """The inference rules that differ for this student (all three for a ViT, ``cls`` for a CNN)."""
+    return INFERENCE_RULES if isinstance(student, DenseStudent) else ("cls",)

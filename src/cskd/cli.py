@@ -1,0 +1,65 @@
+"""The ``cskd`` command: a thin table onto :mod:`cskd.train` and :mod:`cskd.demo`.
+
+Errors a user can fix (bad config, missing data, unreadable checkpoint, impossible grid) are
+printed as one line on stderr with exit status 2; anything else keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .align import GridError
+from .checkpoint import CheckpointError
+from .config import ConfigError, load_config
+from .data import DataError
+from .engine import NonFiniteLossError
+from .models import TeacherError
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TeacherError, GridError, NonFiniteLossError)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cskd", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train (or resume) a run")
+    train.add_argument("--config", help="YAML recipe (configs/...)")
+    train.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    evaluate = commands.add_parser("eval", help="evaluate a checkpoint; prints JSON")
+    evaluate.add_argument("--config", help="YAML recipe (default: the checkpoint's own config)")
+    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    demo = commands.add_parser("demo", help="the Fashion-MNIST demo: teacher, then students")
+    demo.add_argument("--output-dir", default="runs/demo")
+    demo.add_argument("--quick", action="store_true", help="a few steps of each run (tests)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            from .train import train
+
+            train(load_config(args.config, args.overrides))
+        elif args.command == "eval":
+            from .train import evaluate_checkpoint
+
+            config = load_config(args.config, args.overrides) if args.config else None
+            print(json.dumps(evaluate_checkpoint(config, args.checkpoint), indent=2))
+        elif args.command == "demo":
+            from .demo import run_demo
+
+            run_demo(output_dir=args.output_dir, quick=args.quick)
+    except USER_ERRORS as error:
+        print(f"cskd {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cskd {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

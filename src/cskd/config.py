@@ -1,0 +1,332 @@
+"""The typed configuration schema shared by YAML recipes, command-line overrides and the API.
+
+A recipe is a YAML file whose keys mirror :class:`Config`. ``base: other.yaml`` (relative to the
+file) makes a recipe a small override of another. Command-line overrides are ``key.path=value``
+with YAML-typed values. Unknown keys, wrong types and impossible values raise
+:class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .losses import LOSS_KINDS, METHODS
+from .models import INFERENCE_RULES
+from .schedules import PROGRESS_UNITS, SCHEDULES
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConfigError(ValueError):
+    """A recipe or override is invalid; the message names the key."""
+
+
+@dataclass
+class StudentConfig:
+    name: str = "deit_tiny_distilled_patch16_224"  # a timm ViT
+    kwargs: dict = field(default_factory=dict)  # passed to timm.create_model (img_size, depth...)
+    drop_path: float = 0.1
+    inference_rule: str = "cls+dist+patch"  # cls | cls+dist | cls+dist+patch
+
+
+@dataclass
+class TeacherConfig:
+    name: str = "regnety_160"  # a timm CNN with a global-average-pool + linear head
+    checkpoint: str = ""  # local .safetensors / state dict / {"model": ...}
+    pretrained_tag: str = ""  # or a timm tag (e.g. deit_in1k) fetched from timm's hub
+    kwargs: dict = field(default_factory=dict)
+    mean: tuple[float, ...] = IMAGENET_MEAN  # the teacher's own input normalisation
+    std: tuple[float, ...] = IMAGENET_STD
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "folder"  # folder (ImageNet layout) | fashion_mnist | synthetic
+    root: str = ""  # folder: contains train/ and val/; fashion_mnist: "" = the Debian package
+    download: bool = False  # fashion_mnist only: torchvision's downloader when files are missing
+    num_classes: int = 1000
+    image_size: int = 224
+    in_chans: int = 3
+    mean: tuple[float, ...] = IMAGENET_MEAN  # the student's input normalisation
+    std: tuple[float, ...] = IMAGENET_STD
+    batch_size: int = 128  # per process
+    eval_batch_size: int = 0  # 0 = 2 x batch_size
+    workers: int = 8
+    train_subset: int = 0  # 0 = every training image; N = a fixed random subset of N
+    subset_seed: int = 0
+    val_split: int = 0  # N > 0: hold out N training images as validation (test set untouched)
+    synthetic_size: int = 64
+    skip_corrupt: bool = False
+    eval_crop_pct: float = 0.875
+
+
+@dataclass
+class AugmentConfig:
+    scale: tuple[float, float] = (0.08, 1.0)
+    hflip: float = 0.5
+    randaugment: str = "rand-m9-mstd0.5-inc1"  # "" = off
+    color_jitter: float = 0.3
+    interpolation: str = "bicubic"
+    reprob: float = 0.25  # random erasing probability
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_switch_prob: float = 0.5
+    label_smoothing: float = 0.1
+    repeated_aug: bool = True
+
+
+@dataclass
+class DistillConfig:
+    method: str = "cskd"  # none | deit | cskd
+    alpha: float = 0.5  # token-loss weight; base loss gets 1 - alpha
+    token_kind: str = "hard"
+    cskd_kind: str = "hard"
+    cskd_weight: float = 1.0
+    schedule: str = "linear"  # linear | x2 | cos | dense | global
+    progress: str = "epoch"  # epoch (as released) | step
+    tau: float = 1.0
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # any timm optimizer name
+    lr: float = 5e-4  # at lr_batch_reference images; scaled linearly with the global batch
+    lr_batch_reference: int = 512
+    weight_decay: float = 0.05
+    clip_grad: float = 0.0  # 0 = off
+    epochs: int = 300
+    warmup_epochs: int = 5
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | off | bf16 | fp16
+    ema: bool = True
+    ema_decay: float = 0.99996
+    log_interval: int = 50
+    resume: str = ""  # "" | auto | path to a checkpoint
+    overwrite: bool = False  # allow an output_dir that holds another run
+    best_rule: str = "cls+dist+patch"  # a rule, or "ema/<rule>"
+    checkpoint_interval: int = 0  # also save last.pt every N steps (0 = at epoch ends only)
+    max_steps_per_epoch: int = 0  # 0 = the whole epoch; N = stop each epoch after N steps
+    eval_max_batches: int = 0  # 0 = the whole validation set
+    channels_last: bool = False
+    compile: bool = False
+    dist_backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    dist_timeout_s: int = 1800
+
+
+@dataclass
+class Config:
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+CHOICES = {
+    "student.inference_rule": INFERENCE_RULES,
+    "data.dataset": ("folder", "fashion_mnist", "synthetic"),
+    "augment.interpolation": ("bicubic", "bilinear", "nearest"),
+    "distill.method": METHODS,
+    "distill.token_kind": LOSS_KINDS,
+    "distill.cskd_kind": LOSS_KINDS,
+    "distill.schedule": SCHEDULES,
+    "distill.progress": PROGRESS_UNITS,
+    "train.amp": ("auto", "off", "bf16", "fp16"),
+    "train.dist_backend": ("auto", "nccl", "gloo"),
+}
+POSITIVE = ("data.num_classes", "data.image_size", "data.in_chans", "data.batch_size")
+POSITIVE += ("optim.lr", "optim.epochs", "optim.lr_batch_reference", "train.log_interval")
+POSITIVE += ("distill.tau", "train.dist_timeout_s")
+NON_NEGATIVE = ("data.workers", "data.train_subset", "data.val_split", "optim.weight_decay")
+NON_NEGATIVE += ("optim.warmup_epochs", "optim.clip_grad", "optim.min_lr", "optim.warmup_lr")
+NON_NEGATIVE += (
+    "train.checkpoint_interval",
+    "train.max_steps_per_epoch",
+    "train.eval_max_batches",
+    "distill.cskd_weight",
+)
+NON_NEGATIVE += ("data.eval_batch_size", "student.drop_path")
+PROBABILITIES = ("augment.hflip", "augment.reprob", "augment.mixup_switch_prob")
+PROBABILITIES += ("distill.alpha", "train.ema_decay", "augment.label_smoothing")
+
+
+def _convert(value: Any, kind: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``kind``; ints widen to floats, lists to tuples."""
+    origin = typing.get_origin(kind)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind in (str, int, float, bool):
+        if type(value) is not kind:
+            raise ConfigError(
+                f"{key}: expected {kind.__name__}, got {type(value).__name__} {value!r}"
+            )
+        return value
+    if kind is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        item = typing.get_args(kind)[0]
+        fixed = typing.get_args(kind)[-1] is not Ellipsis
+        if fixed and len(value) != len(typing.get_args(kind)):
+            raise ConfigError(f"{key}: expected {len(typing.get_args(kind))} values, got {value!r}")
+        return tuple(_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    raise TypeError(f"unsupported annotation {kind!r} for {key}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]}: valid keys in "
+            f"{prefix.rstrip('.') or 'the config'} are {', '.join(sorted(known))}"
+        )
+    kwargs = {}
+    for name, value in values.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            kwargs[name] = _build(kind, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _convert(value, kind, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "kwargs":
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_recipe(path: str | Path) -> dict:
+    """The raw mapping of a recipe, with ``base:`` files merged underneath it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from error
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    base = values.pop("base", None)
+    if base:
+        return _merge(read_recipe(path.parent / base), values)
+    return values
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        keys, value = parse_override(text)
+        update: dict = {keys[-1]: value}
+        for key in reversed(keys[:-1]):
+            update = {key: update}
+        values = _merge(values, update)
+    return values
+
+
+def validate(config: Config) -> Config:
+    """Raise :class:`ConfigError` naming the first impossible value."""
+    for key, choices in CHOICES.items():
+        value = get_value(config, key)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+    for key in POSITIVE:
+        if get_value(config, key) <= 0:
+            raise ConfigError(f"{key} must be positive, got {get_value(config, key)}")
+    for key in NON_NEGATIVE:
+        if get_value(config, key) < 0:
+            raise ConfigError(f"{key} must not be negative, got {get_value(config, key)}")
+    for key in PROBABILITIES:
+        if not 0.0 <= get_value(config, key) <= 1.0:
+            raise ConfigError(f"{key} must lie in [0, 1], got {get_value(config, key)}")
+    if config.optim.warmup_epochs > config.optim.epochs:
+        raise ConfigError("optim.warmup_epochs must not exceed optim.epochs")
+    rule = config.train.best_rule.removeprefix("ema/")
+    if rule not in INFERENCE_RULES:
+        raise ConfigError(
+            f"train.best_rule: {config.train.best_rule!r} is not a rule ({', '.join(INFERENCE_RULES)})"
+            " optionally prefixed with ema/"
+        )
+    if (
+        len(config.data.mean) != config.data.in_chans
+        or len(config.data.std) != config.data.in_chans
+    ):
+        raise ConfigError(
+            f"data.mean and data.std need {config.data.in_chans} values (data.in_chans)"
+        )
+    if len(config.teacher.mean) != len(config.teacher.std):
+        raise ConfigError("teacher.mean and teacher.std must have the same length")
+    return config
+
+
+def get_value(config: Config, key: str) -> Any:
+    value: Any = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def from_dict(values: dict) -> Config:
+    return validate(_build(Config, values, ""))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Resolve a recipe (or the defaults) plus ``key.path=value`` overrides into a Config."""
+    values = read_recipe(path) if path else {}
+    return from_dict(apply_overrides(values, overrides or []))
+
+
+def to_dict(config: Config) -> dict:
+    """Plain YAML-safe mapping (tuples become lists)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple | list):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(config))
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

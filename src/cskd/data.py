@@ -1,0 +1,763 @@
+"""Datasets and image transforms for CSKD training and evaluation.
+
+Every dataset here returns, for ``dataset[i]``, one dict that the default DataLoader collate
+batches::
+
+    {"image": FloatTensor C x S x S in [0, 1] (not normalised; that happens on the device),
+     "target": int,
+     "index": int (always ``i``: the key for per-sample caches such as teacher maps),
+     "crop": LongTensor [top, left, height, width] in the original image's pixels,
+     "flip": bool tensor (whether the crop was mirrored horizontally)}
+
+The crop box and flip let the training step map cached per-image teacher outputs onto the
+augmented view. Random erasing and Mixup/CutMix are not applied here: they run on the device
+batch. Random transforms draw from the global ``torch``, ``random`` and ``numpy`` generators
+(as torchvision and timm do), which the DataLoader seeds per worker, so seeding makes runs
+reproducible.
+
+Sources: an ImageNet-style folder tree (``root/train/<class>/*.JPEG``, ``root/val/<class>/...``),
+Fashion-MNIST from the Debian package ``dataset-fashion-mnist`` (or torchvision's download), and
+a synthetic, learnable, deterministic set for smoke tests. :func:`build_datasets` builds the
+(train, val) pair from the configuration.
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import math
+import os
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.transforms import InterpolationMode, RandomResizedCrop
+
+__all__ = [
+    "DataError",
+    "read_idx",
+    "FASHION_MNIST_ROOT",
+    "FASHION_MNIST_CLASSES",
+    "FashionMNIST",
+    "SyntheticImages",
+    "ImageFolderDataset",
+    "SubsetDataset",
+    "check_class_folders",
+    "verify_images",
+    "TrainTransform",
+    "EvalTransform",
+    "make_sample",
+    "split_indices",
+    "build_datasets",
+]
+
+
+class DataError(ValueError):
+    """A dataset or transform cannot be built or read; the message names the path and the fix."""
+
+
+# --------------------------------------------------------------------------------------------
+# IDX files
+# --------------------------------------------------------------------------------------------
+
+_IDX_UINT8 = 0x08
+
+
+def read_idx(path: str | os.PathLike[str]) -> torch.Tensor:
+    """Read an IDX file (optionally gzip-compressed) holding uint8 data into a uint8 tensor.
+
+    Labels files have magic 0x00000801 (1-d), image files 0x00000803 (N x rows x cols).
+    Raises DataError naming the path if the file is missing, truncated or corrupt.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"IDX file not found: {path}") from None
+    except OSError as error:
+        raise DataError(f"cannot read IDX file {path}: {error}") from None
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, OSError, zlib.error) as error:
+            raise DataError(
+                f"corrupt or truncated gzip file {path} ({error}): delete it and reinstall or "
+                "re-download the dataset"
+            ) from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != _IDX_UINT8 or raw[3] == 0:
+        raise DataError(
+            f"not a uint8 IDX file (bad magic number {raw[:4].hex() or 'empty'}): {path}"
+        )
+    num_dims = raw[3]
+    header_size = 4 + 4 * num_dims
+    if len(raw) < header_size:
+        raise DataError(f"truncated IDX file (incomplete header): {path}")
+    shape = [int.from_bytes(raw[4 + 4 * d : 8 + 4 * d], "big") for d in range(num_dims)]
+    expected = header_size + math.prod(shape)
+    if len(raw) < expected:
+        raise DataError(
+            f"truncated IDX file {path}: expected {expected} bytes for shape {shape}, "
+            f"found {len(raw)}; reinstall or re-download the dataset"
+        )
+    if len(raw) > expected:
+        raise DataError(
+            f"corrupt IDX file {path}: {len(raw) - expected} unexpected trailing bytes after "
+            f"data of shape {shape}"
+        )
+    data = bytearray(raw[header_size:])
+    if not data:
+        return torch.zeros(shape, dtype=torch.uint8)
+    return torch.frombuffer(data, dtype=torch.uint8).reshape(shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Transforms
+# --------------------------------------------------------------------------------------------
+
+TransformResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+Transform = Callable[[Image.Image], TransformResult]
+
+
+def _interpolation_mode(name: str) -> InterpolationMode:
+    try:
+        return InterpolationMode(name)
+    except ValueError:
+        allowed = ", ".join(mode.value for mode in InterpolationMode)
+        raise DataError(f"unknown interpolation {name!r}: use one of {allowed}") from None
+
+
+def _crop_tensor(top: int, left: int, height: int, width: int) -> torch.Tensor:
+    return torch.tensor([top, left, height, width], dtype=torch.long)
+
+
+class TrainTransform:
+    """Training augmentation: RandomResizedCrop, horizontal flip, RandAugment, ToTensor.
+
+    Calling it on a PIL image returns ``(image, crop, flip)``: a float tensor C x S x S in
+    [0, 1], the crop box ``[top, left, height, width]`` in the input image's pixels, and a bool
+    tensor telling whether the crop was mirrored. Cropping the input with that box (resizing to
+    S x S with ``interpolation``) and mirroring reproduces the image before RandAugment.
+
+    ``randaugment`` is a timm config string (``""`` turns it off). Single-channel ("L") images
+    get RandAugment with a grey fill value (the mean of ``mean``). ``color_jitter`` follows
+    timm: it is applied (brightness, contrast, saturation) only when RandAugment is off.
+    """
+
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        scale: Sequence[float] = (0.08, 1.0),
+        ratio: Sequence[float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        randaugment: str = "rand-m9-mstd0.5-inc1",
+        color_jitter: float = 0.0,
+        interpolation: str = "bicubic",
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+    ) -> None:
+        if image_size <= 0:
+            raise DataError(f"image_size must be positive, got {image_size}")
+        if not 0.0 <= hflip <= 1.0:
+            raise DataError(f"hflip must be a probability in [0, 1], got {hflip}")
+        if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
+            raise DataError(f"scale must be (low, high) with 0 < low <= high <= 1, got {scale}")
+        if len(ratio) != 2 or not 0.0 < ratio[0] <= ratio[1]:
+            raise DataError(f"ratio must be (low, high) with 0 < low <= high, got {ratio}")
+        if color_jitter < 0:
+            raise DataError(f"color_jitter must be >= 0, got {color_jitter}")
+        self.image_size = image_size
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.ratio = (float(ratio[0]), float(ratio[1]))
+        self.hflip = hflip
+        self.interpolation = _interpolation_mode(interpolation)
+        self.randaugment_rgb: Callable[[Image.Image], Image.Image] | None = None
+        self.randaugment_gray: Callable[[Image.Image], Image.Image] | None = None
+        self.color_jitter: Callable[[Image.Image], Image.Image] | None = None
+        if randaugment:
+            if not randaugment.startswith("rand"):
+                raise DataError(
+                    f"augment.randaugment={randaugment!r} is not a RandAugment config: use e.g. "
+                    "'rand-m9-mstd0.5-inc1', or '' to turn it off"
+                )
+            from timm.data.auto_augment import rand_augment_transform
+            from timm.data.transforms import str_to_pil_interp
+
+            fill = tuple(round(255 * m) for m in mean)
+            base_hparams = dict(
+                translate_const=int(image_size * 0.45),
+                interpolation=str_to_pil_interp(interpolation),
+            )
+            try:
+                self.randaugment_rgb = rand_augment_transform(
+                    randaugment, dict(base_hparams, img_mean=fill)
+                )
+                # PIL geometric ops on "L" images need a single fill value, not an RGB triple.
+                self.randaugment_gray = rand_augment_transform(
+                    randaugment, dict(base_hparams, img_mean=round(sum(fill) / len(fill)))
+                )
+            except (AssertionError, ValueError, KeyError) as error:
+                raise DataError(
+                    f"invalid augment.randaugment={randaugment!r} ({error or 'bad section'}): "
+                    "use e.g. 'rand-m9-mstd0.5-inc1'"
+                ) from None
+        elif color_jitter > 0:
+            self.color_jitter = torchvision.transforms.ColorJitter(
+                brightness=color_jitter, contrast=color_jitter, saturation=color_jitter
+            )
+
+    def __call__(self, image: Image.Image) -> TransformResult:
+        top, left, height, width = RandomResizedCrop.get_params(image, self.scale, self.ratio)
+        size = [self.image_size, self.image_size]
+        image = TF.resized_crop(image, top, left, height, width, size, self.interpolation)
+        flip = bool(torch.rand(1).item() < self.hflip)
+        if flip:
+            image = TF.hflip(image)
+        if self.randaugment_rgb is not None:
+            augment = self.randaugment_gray if image.mode == "L" else self.randaugment_rgb
+            image = augment(image)
+        if self.color_jitter is not None:
+            image = self.color_jitter(image)
+        return TF.to_tensor(image), _crop_tensor(top, left, height, width), torch.tensor(flip)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(image_size={self.image_size}, scale={self.scale}, "
+            f"ratio={self.ratio}, hflip={self.hflip}, interpolation={self.interpolation.value}, "
+            f"randaugment={self.randaugment_rgb is not None}, "
+            f"color_jitter={self.color_jitter is not None})"
+        )
+
+
+class EvalTransform:
+    """Deterministic evaluation transform: centre crop of ``crop_pct`` of the shorter side.
+
+    Equivalent to resizing the shorter side to ``floor(image_size / crop_pct)`` and taking the
+    central ``image_size`` square, but computed as one crop in the original image's pixels
+    (so the returned crop box describes the output exactly). With ``crop_pct=1.0`` the whole
+    image is resized to ``image_size`` x ``image_size`` (meant for small, square images).
+    Returns ``(image, crop, flip)`` like :class:`TrainTransform`, with flip always False.
+    """
+
+    def __init__(
+        self, *, image_size: int, crop_pct: float = 0.875, interpolation: str = "bicubic"
+    ) -> None:
+        if image_size <= 0:
+            raise DataError(f"image_size must be positive, got {image_size}")
+        if not 0.0 < crop_pct <= 1.0:
+            raise DataError(f"data.eval_crop_pct must be in (0, 1], got {crop_pct}")
+        self.image_size = image_size
+        self.crop_pct = crop_pct
+        self.interpolation = _interpolation_mode(interpolation)
+
+    def crop_box(self, *, height: int, width: int) -> tuple[int, int, int, int]:
+        """The centre crop ``(top, left, height, width)`` for an input of the given size."""
+        if self.crop_pct >= 1.0:
+            return 0, 0, height, width
+        shorter = min(height, width)
+        resized_shorter = math.floor(self.image_size / self.crop_pct)
+        side = min(shorter, max(1, round(self.image_size * shorter / resized_shorter)))
+        return round((height - side) / 2), round((width - side) / 2), side, side
+
+    def __call__(self, image: Image.Image) -> TransformResult:
+        top, left, height, width = self.crop_box(height=image.height, width=image.width)
+        size = [self.image_size, self.image_size]
+        image = TF.resized_crop(image, top, left, height, width, size, self.interpolation)
+        return TF.to_tensor(image), _crop_tensor(top, left, height, width), torch.tensor(False)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(image_size={self.image_size}, crop_pct={self.crop_pct}, "
+            f"interpolation={self.interpolation.value})"
+        )
+
+
+def make_sample(
+    image: Image.Image, target: int, index: int, transform: Transform | None
+) -> dict[str, Any]:
+    """Build the per-sample dict shared by all datasets (see the module docstring).
+
+    ``transform`` maps a PIL image to ``(image tensor, crop box, flip)``; with None the whole
+    image is converted to a tensor, with the full-image crop box and no flip.
+    """
+    if transform is None:
+        tensor = TF.to_tensor(image)
+        crop = _crop_tensor(0, 0, image.height, image.width)
+        flip = torch.tensor(False)
+    else:
+        tensor, crop, flip = transform(image)
+    return {"image": tensor, "target": int(target), "index": int(index), "crop": crop, "flip": flip}
+
+
+# --------------------------------------------------------------------------------------------
+# Fashion-MNIST
+# --------------------------------------------------------------------------------------------
+
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+_FASHION_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def _find_fashion_file(root: Path, name: str) -> Path | None:
+    """Look for NAME(.gz) directly in root (Debian layout) or in torchvision's FashionMNIST/raw."""
+    for folder in (root, root / "FashionMNIST" / "raw"):
+        for candidate in (folder / f"{name}.gz", folder / name):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+class FashionMNIST(Dataset):
+    """Fashion-MNIST (28 x 28 grey images, 10 classes) read into memory from IDX files.
+
+    Looks in ``root`` for the Debian package's ``*-ubyte.gz`` files, or torchvision's
+    ``root/FashionMNIST/raw`` layout. With ``download=True`` missing files are fetched with
+    torchvision into ``root``. ``indices`` restricts the dataset to those images (in that
+    order); ``dataset[i]["index"]`` is then ``i``. Images reach the transform as PIL "L".
+    """
+
+    def __init__(
+        self,
+        *,
+        root: str | os.PathLike[str] = FASHION_MNIST_ROOT,
+        split: str = "train",
+        indices: Sequence[int] | None = None,
+        transform: Transform | None = None,
+        download: bool = False,
+    ) -> None:
+        if split not in _FASHION_FILES:
+            raise DataError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
+        root = Path(root)
+        image_name, label_name = _FASHION_FILES[split]
+        image_path = _find_fashion_file(root, image_name)
+        label_path = _find_fashion_file(root, label_name)
+        if (image_path is None or label_path is None) and download:
+            try:
+                torchvision.datasets.FashionMNIST(str(root), train=split == "train", download=True)
+            except Exception as error:  # network, permissions, checksum: report them all
+                message = str(error).replace("\n", " ")
+                raise DataError(
+                    f"could not download Fashion-MNIST into {root} ({message}): set data.root to "
+                    "a writable folder or install the Debian package dataset-fashion-mnist"
+                ) from None
+            image_path = _find_fashion_file(root, image_name)
+            label_path = _find_fashion_file(root, label_name)
+        if image_path is None or label_path is None:
+            raise DataError(
+                f"Fashion-MNIST not found in {root}: install the Debian package "
+                "dataset-fashion-mnist (apt-get install dataset-fashion-mnist) or set "
+                "data.download=true"
+            )
+        images = read_idx(image_path)
+        labels = read_idx(label_path)
+        if images.dim() != 3:
+            raise DataError(f"expected N x rows x cols images in {image_path}, got {images.shape}")
+        if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
+            raise DataError(
+                f"labels in {label_path} (shape {list(labels.shape)}) do not match the "
+                f"{images.shape[0]} images in {image_path}"
+            )
+        if labels.numel() and int(labels.max()) >= len(FASHION_MNIST_CLASSES):
+            raise DataError(f"label {int(labels.max())} out of range 0..9 in {label_path}")
+        self.root = root
+        self.split = split
+        self.images = images
+        self.labels = labels
+        self.classes = list(FASHION_MNIST_CLASSES)
+        self.transform = transform
+        self.indices = _check_indices(indices, size=images.shape[0], what=f"Fashion-MNIST {split}")
+
+    def __len__(self) -> int:
+        return self.images.shape[0] if self.indices is None else len(self.indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        source = index if self.indices is None else int(self.indices[index])
+        image = Image.fromarray(self.images[source].numpy())
+        return make_sample(image, int(self.labels[source]), index, self.transform)
+
+
+def _check_indices(indices: Sequence[int] | None, *, size: int, what: str) -> torch.Tensor | None:
+    if indices is None:
+        return None
+    tensor = torch.as_tensor(list(indices), dtype=torch.long)
+    if tensor.numel() and (int(tensor.min()) < 0 or int(tensor.max()) >= size):
+        raise DataError(f"indices for {what} must lie in 0..{size - 1}")
+    return tensor
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic images
+# --------------------------------------------------------------------------------------------
+
+_PATTERN_SEED = 20_230_101
+_PATTERN_GRID = 4
+
+
+class SyntheticImages(Dataset):
+    """Deterministic random images with a weak, learnable class signal (for smoke tests).
+
+    Sample ``i`` has label ``i % num_classes`` and is drawn from a generator seeded with
+    ``seed * 1_000_003 + i``: noise on top of a class-specific smooth brightness pattern and
+    per-channel tint. The class patterns do not depend on ``seed``, so datasets built with
+    different seeds (e.g. train and val) share the same task. Images are PIL "RGB"
+    (``channels=3``) or "L" (``channels=1``).
+    """
+
+    def __init__(
+        self,
+        *,
+        size: int,
+        num_classes: int,
+        image_size: int,
+        channels: int = 3,
+        seed: int = 0,
+        transform: Transform | None = None,
+    ) -> None:
+        if size <= 0:
+            raise DataError(f"synthetic dataset size must be positive, got {size}")
+        if num_classes <= 0:
+            raise DataError(f"num_classes must be positive, got {num_classes}")
+        if image_size <= 0:
+            raise DataError(f"image_size must be positive, got {image_size}")
+        if channels not in (1, 3):
+            raise DataError(
+                f"synthetic images need 1 or 3 channels (data.in_chans), got {channels}"
+            )
+        self.size = size
+        self.num_classes = num_classes
+        self.image_size = image_size
+        self.channels = channels
+        self.seed = seed
+        self.transform = transform
+        self.classes = [f"class_{c}" for c in range(num_classes)]
+        generator = torch.Generator().manual_seed(_PATTERN_SEED)
+        grid = _PATTERN_GRID
+        # Low-resolution patterns, upsampled per sample, keep memory small for many classes.
+        self._patterns = torch.rand(num_classes, channels, grid, grid, generator=generator) * 2 - 1
+        self._tints = torch.rand(num_classes, channels, 1, 1, generator=generator) * 2 - 1
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < self.size:
+            raise IndexError(f"index {index} out of range for SyntheticImages of size {self.size}")
+        target = index % self.num_classes
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        size = self.image_size
+        pattern = torch.nn.functional.interpolate(
+            self._patterns[target : target + 1], size=(size, size), mode="bilinear"
+        )[0]
+        noise = torch.randn(self.channels, size, size, generator=generator)
+        pixels = (0.5 + 0.15 * self._tints[target] + 0.15 * pattern + 0.12 * noise).clamp(0, 1)
+        array = (pixels * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        image = Image.fromarray(array[:, :, 0] if self.channels == 1 else array)
+        return make_sample(image, target, index, self.transform)
+
+
+# --------------------------------------------------------------------------------------------
+# Image folders (ImageNet layout)
+# --------------------------------------------------------------------------------------------
+
+_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def _load_rgb(path: str) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+class ImageFolderDataset(Dataset):
+    """One split of an ImageNet-style tree: ``root/<split>/<class>/<image>``, read as RGB.
+
+    A corrupt or truncated image raises DataError naming the file, unless ``skip_corrupt`` is
+    set: then the next readable sample (index + 1, wrapping around) is returned in its place,
+    still under the requested ``"index"``, and ``num_skipped`` is incremented. With DataLoader
+    workers each worker holds its own copy, so ``num_skipped`` counts per worker (and the main
+    process copy stays 0); use :func:`verify_images` for a full count.
+    """
+
+    def __init__(
+        self,
+        *,
+        root: str | os.PathLike[str],
+        split: str,
+        transform: Transform | None = None,
+        skip_corrupt: bool = False,
+    ) -> None:
+        directory = Path(root) / split
+        if not directory.is_dir():
+            raise DataError(
+                f"image folder not found: {directory} (expected {directory}/<class>/<image>; "
+                "set data.root to the folder holding train/ and val/)"
+            )
+        if not any(entry.is_dir() for entry in os.scandir(directory)):
+            raise DataError(
+                f"no class folders in {directory}: expected {directory}/<class>/<image>.JPEG"
+            )
+        try:
+            folder = torchvision.datasets.ImageFolder(str(directory))
+        except FileNotFoundError as error:
+            message = str(error).replace("\n", " ")
+            raise DataError(f"no usable images in {directory}: {message}") from None
+        self.root = Path(root)
+        self.split = split
+        self.transform = transform
+        self.skip_corrupt = skip_corrupt
+        self.classes: list[str] = list(folder.classes)
+        self.class_to_idx: dict[str, int] = dict(folder.class_to_idx)
+        self.samples: list[tuple[str, int]] = list(folder.samples)
+        self.targets: list[int] = [target for _, target in self.samples]
+        self.num_skipped = 0
+
+    @property
+    def paths(self) -> list[str]:
+        """The image file paths, in sample order."""
+        return [path for path, _ in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        source = index
+        for _ in range(len(self.samples)):
+            path, target = self.samples[source]
+            try:
+                image = _load_rgb(path)
+            except _IMAGE_ERRORS as error:
+                if not self.skip_corrupt:
+                    message = str(error).replace("\n", " ")
+                    raise DataError(
+                        f"corrupt or unreadable image {path} ({message}): delete or replace it, "
+                        "or set data.skip_corrupt=true"
+                    ) from None
+                self.num_skipped += 1
+                source = (source + 1) % len(self.samples)
+                continue
+            return make_sample(image, target, index, self.transform)
+        raise DataError(f"no readable image in {self.root / self.split}: every file is corrupt")
+
+
+def check_class_folders(root: str | os.PathLike[str]) -> None:
+    """Raise DataError if ``root/train`` and ``root/val`` have different class folder names."""
+    root = Path(root)
+    names: dict[str, set[str]] = {}
+    for split in ("train", "val"):
+        directory = root / split
+        if not directory.is_dir():
+            raise DataError(f"image folder not found: {directory} (set data.root)")
+        names[split] = {entry.name for entry in os.scandir(directory) if entry.is_dir()}
+    only_train = sorted(names["train"] - names["val"])
+    only_val = sorted(names["val"] - names["train"])
+    if only_train or only_val:
+        shown = [f"train/{name}" for name in only_train] + [f"val/{name}" for name in only_val]
+        more = len(shown) - 5
+        listed = ", ".join(shown[:5]) + (f" and {more} more" if more > 0 else "")
+        raise DataError(
+            f"class folders differ between {root / 'train'} and {root / 'val'} "
+            f"({len(only_train)} only in train, {len(only_val)} only in val: {listed}); labels "
+            "would not match: make both splits hold the same class folders"
+        )
+
+
+def verify_images(
+    dataset_or_paths: Any | Iterable[str | os.PathLike[str]], *, limit: int | None = None
+) -> list[str]:
+    """Fully decode images and return the paths of those that are corrupt or truncated.
+
+    Accepts a dataset with a ``paths`` attribute (:class:`ImageFolderDataset`,
+    :class:`SubsetDataset` of one) or ``samples`` (torchvision ``ImageFolder``), or an iterable
+    of paths. ``limit`` checks only the first ``limit`` files.
+    """
+    if hasattr(dataset_or_paths, "paths"):
+        paths: Iterable[Any] = dataset_or_paths.paths
+    elif hasattr(dataset_or_paths, "samples"):
+        paths = (path for path, _ in dataset_or_paths.samples)
+    else:
+        paths = dataset_or_paths
+    corrupt: list[str] = []
+    for number, path in enumerate(paths):
+        if limit is not None and number >= limit:
+            break
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except _IMAGE_ERRORS:
+            corrupt.append(str(path))
+    return corrupt
+
+
+# --------------------------------------------------------------------------------------------
+# Subsets and the (train, val) pair
+# --------------------------------------------------------------------------------------------
+
+
+class SubsetDataset(Dataset):
+    """The samples ``indices`` of ``dataset``, renumbered so that ``self[i]["index"] == i``."""
+
+    def __init__(self, *, dataset: Dataset, indices: Sequence[int]) -> None:
+        self.dataset = dataset
+        self.indices = _check_indices(indices, size=len(dataset), what=type(dataset).__name__)
+        self.classes = getattr(dataset, "classes", None)
+
+    @property
+    def paths(self) -> list[str]:
+        """The image file paths in sample order (only for datasets that have ``paths``)."""
+        base_paths = self.dataset.paths
+        return [base_paths[i] for i in self.indices.tolist()]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.dataset[int(self.indices[index])]
+        sample["index"] = index
+        return sample
+
+
+def split_indices(
+    *, size: int, train_subset: int, val_split: int, seed: int
+) -> tuple[list[int] | None, list[int] | None]:
+    """Choose training and held-out validation indices out of ``size`` training images.
+
+    Returns ``(train, val)``, each sorted, or None for "all training images" / "use the
+    official validation split". A permutation seeded with ``seed`` is split into the first
+    ``val_split`` indices (validation) and, of the rest, the first ``train_subset`` (training,
+    0 = all the rest): the two never overlap and depend only on the arguments.
+    """
+    if train_subset < 0 or val_split < 0:
+        raise DataError(
+            f"data.train_subset ({train_subset}) and data.val_split ({val_split}) must be >= 0"
+        )
+    if train_subset == 0 and val_split == 0:
+        return None, None
+    if val_split >= size or val_split + train_subset > size:
+        raise DataError(
+            f"data.val_split={val_split} plus data.train_subset={train_subset} exceeds the "
+            f"{size} training images (val_split must leave some for training): lower them"
+        )
+    permutation = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
+    val = sorted(permutation[:val_split]) if val_split else None
+    rest = permutation[val_split:]
+    train = sorted(rest[:train_subset] if train_subset else rest)
+    return train, val
+
+
+def build_datasets(data_cfg: Any, augment_cfg: Any) -> tuple[Dataset, Dataset]:
+    """Build the (train, val) datasets from the data and augment configs.
+
+    Validation always uses :class:`EvalTransform`. With ``data_cfg.val_split > 0`` the
+    validation set is held out of the training images (disjoint from the training subset),
+    so the official test/val split is only touched for final numbers.
+    """
+    train_transform = TrainTransform(
+        image_size=data_cfg.image_size,
+        scale=tuple(augment_cfg.scale),
+        hflip=augment_cfg.hflip,
+        randaugment=augment_cfg.randaugment,
+        color_jitter=augment_cfg.color_jitter,
+        interpolation=augment_cfg.interpolation,
+        mean=tuple(data_cfg.mean),
+    )
+    eval_transform = EvalTransform(
+        image_size=data_cfg.image_size,
+        crop_pct=data_cfg.eval_crop_pct,
+        interpolation=augment_cfg.interpolation,
+    )
+    kind = data_cfg.dataset
+    if kind == "fashion_mnist":
+        if data_cfg.in_chans != 1:
+            raise DataError(
+                f"Fashion-MNIST images have 1 channel but data.in_chans={data_cfg.in_chans}: "
+                "set data.in_chans=1"
+            )
+        root = data_cfg.root or FASHION_MNIST_ROOT
+
+        def make(split: str, transform: Transform) -> Dataset:
+            return FashionMNIST(
+                root=root, split=split, transform=transform, download=data_cfg.download
+            )
+
+        official_val_split = "test"
+    elif kind == "folder":
+        if not data_cfg.root:
+            raise DataError("data.dataset=folder needs data.root (the folder with train/, val/)")
+        if data_cfg.in_chans != 3:
+            raise DataError(
+                f"image folders are read as RGB but data.in_chans={data_cfg.in_chans}: "
+                "set data.in_chans=3"
+            )
+        if data_cfg.val_split == 0:
+            check_class_folders(data_cfg.root)
+
+        def make(split: str, transform: Transform) -> Dataset:
+            return ImageFolderDataset(
+                root=data_cfg.root,
+                split=split,
+                transform=transform,
+                skip_corrupt=data_cfg.skip_corrupt,
+            )
+
+        official_val_split = "val"
+    elif kind == "synthetic":
+        sizes = {"train": data_cfg.synthetic_size, "val": max(data_cfg.synthetic_size // 4, 8)}
+
+        def make(split: str, transform: Transform) -> Dataset:
+            return SyntheticImages(
+                size=sizes[split],
+                num_classes=data_cfg.num_classes,
+                image_size=data_cfg.image_size,
+                channels=data_cfg.in_chans,
+                seed=0 if split == "train" else 1,
+                transform=transform,
+            )
+
+        official_val_split = "val"
+    else:
+        raise DataError(
+            f"unknown data.dataset={kind!r}: use 'folder', 'fashion_mnist' or 'synthetic'"
+        )
+
+    full_train = make("train", train_transform)
+    classes = full_train.classes
+    if len(classes) != data_cfg.num_classes:
+        raise DataError(
+            f"data.num_classes={data_cfg.num_classes} but the {kind} dataset has {len(classes)} "
+            f"classes: set data.num_classes={len(classes)}"
+        )
+    train_indices, val_indices = split_indices(
+        size=len(full_train),
+        train_subset=data_cfg.train_subset,
+        val_split=data_cfg.val_split,
+        seed=data_cfg.subset_seed,
+    )
+    train = full_train
+    if train_indices is not None:
+        train = SubsetDataset(dataset=full_train, indices=train_indices)
+    if val_indices is None:
+        val = make(official_val_split, eval_transform)
+    else:
+        # Same images as training (no second read or scan), seen through the eval transform.
+        held_out = copy.copy(full_train)
+        held_out.transform = eval_transform
+        val = SubsetDataset(dataset=held_out, indices=val_indices)
+    return train, val

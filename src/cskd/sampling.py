@@ -1,0 +1,145 @@
+"""Which sample each step sees, and with which random augmentation — reproducibly.
+
+Every training sample is drawn as ``(index, seed)``: the sampler fixes the order of an epoch
+(shuffled, sharded over ranks, optionally with repeated augmentation) and gives each position its
+own seed, derived from (run seed, epoch, rank, position). ``SeededSamples`` runs the dataset's
+random transform under that seed. Augmentations therefore depend neither on the number of loader
+workers nor on where a run was interrupted: resuming at step k of an epoch skips k batches of the
+same order and reproduces the same crops, flips and RandAugment choices.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from timm.data.distributed_sampler import RepeatAugSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+
+def sample_seed(seed: int, epoch: int, rank: int, position: int) -> int:
+    """A 63-bit seed for one sample of one epoch on one rank (stable across runs and versions)."""
+    mixed = np.random.SeedSequence([seed, epoch, rank, position]).generate_state(2, dtype=np.uint32)
+    return int(mixed[0]) << 31 | int(mixed[1]) >> 1
+
+
+class SeededSamples(Dataset):
+    """Wraps a dataset so that ``dataset[(index, seed)]`` runs its transform under ``seed``.
+
+    The global ``random``, NumPy and torch (CPU) generators are restored afterwards, so the main
+    process's own randomness (Mixup, dropout) is untouched when there are no loader workers.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str):
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, key):
+        if not isinstance(key, tuple):
+            return self.dataset[key]
+        index, seed = key
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(python_state)
+                np.random.set_state(numpy_state)
+
+
+class EpochSampler(Sampler):
+    """Yields ``(index, seed)`` for one rank's share of an epoch, from position ``start`` on.
+
+    ``repeats > 1`` uses timm's repeated-augmentation sampler (each image appears ``repeats``
+    times per epoch, on different ranks, and an epoch still covers about one dataset's worth of
+    samples per rank). Otherwise a shuffled ``DistributedSampler``, which also serves one process.
+    """
+
+    def __init__(
+        self, dataset: Dataset, *, seed: int, rank: int, world_size: int, repeats: int = 1
+    ) -> None:
+        self.seed, self.rank, self.epoch, self.start = seed, rank, 0, 0
+        if repeats > 1:
+            self.order = RepeatAugSampler(
+                dataset, num_replicas=world_size, rank=rank, shuffle=True, num_repeats=repeats
+            )
+        else:
+            self.order = DistributedSampler(
+                dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
+            )
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch's order (epoch-seeded) and skip its first ``start`` samples."""
+        self.epoch, self.start = epoch, start
+        self.order.set_epoch(
+            epoch if isinstance(self.order, DistributedSampler) else epoch + self.seed
+        )
+
+    def __len__(self) -> int:
+        return len(self.order) - self.start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for position, index in enumerate(self.order):
+            if position >= self.start:
+                yield index, sample_seed(self.seed, self.epoch, self.rank, position)
+
+
+class ShardSampler(Sampler):
+    """Rank r takes indices r, r + W, r + 2W, ...: every image counted exactly once, no padding."""
+
+    def __init__(self, size: int, *, rank: int, world_size: int) -> None:
+        self.indices = range(rank, size, world_size)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+
+def _worker_init(worker_id: int) -> None:
+    # Samples are seeded one by one; this only keeps stray global RNG use distinct per worker.
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def train_loader(
+    dataset: Dataset, sampler: EpochSampler, *, batch_size: int, workers: int, pin_memory: bool
+) -> DataLoader:
+    """A loader over the sampler's current epoch; make a new one after ``sampler.set_epoch``."""
+    return DataLoader(
+        SeededSamples(dataset),
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        drop_last=True,
+        worker_init_fn=_worker_init,
+        persistent_workers=False,
+    )
+
+
+def eval_loader(
+    dataset: Dataset, *, batch_size: int, workers: int, rank: int, world_size: int, pin_memory: bool
+) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=ShardSampler(len(dataset), rank=rank, world_size=world_size),
+        num_workers=workers,
+        pin_memory=pin_memory,
+        drop_last=False,
+    )

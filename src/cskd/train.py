@@ -1,0 +1,500 @@
+"""Training and evaluation runs, assembled from one builder per feature.
+
+``train(config)`` reads top to bottom: process group, run directory, data, models, optimisation,
+augmentation on the device, resume, then the epoch loop of train / evaluate / checkpoint, and at
+the end ``student.safetensors``. ``evaluate_checkpoint`` re-measures a saved checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from timm.data import Mixup
+from timm.data.random_erasing import RandomErasing
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+
+from . import distributed
+from .checkpoint import CheckpointError, read_file, save_atomic, save_safetensors_atomic
+from .config import Config, ConfigError, dump_config, from_dict, to_dict
+from .data import build_datasets
+from .engine import Distiller, Trainer, TrainState, evaluate, normalizer
+from .losses import ObjectiveWeights
+from .models import load_teacher, rules_for, wrap_student
+from .runlog import MetricsWriter, setup_logging, truncate_after
+from .sampling import EpochSampler, eval_loader, train_loader
+
+log = logging.getLogger("cskd")
+CHECKPOINT_KEYS = ("student", "optimizer", "scheduler", "state", "rng", "config")
+
+
+# ---------------------------------------------------------------------------------- builders
+
+
+def prepare_run_dir(config: Config, *, is_main: bool) -> Path:
+    """Create the run directory; refuse one that holds another run unless resuming/overwriting."""
+    run_dir = Path(config.train.output_dir)
+    holds_run = (run_dir / "config.yaml").exists() or (run_dir / "last.pt").exists()
+    if holds_run and not config.train.resume and not config.train.overwrite:
+        raise ConfigError(
+            f"train.output_dir {run_dir} already holds a run: pass train.resume=auto to continue "
+            "it, train.overwrite=true to replace it, or choose another train.output_dir"
+        )
+    if is_main:
+        if holds_run and config.train.overwrite and not config.train.resume:
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def build_student(config: Config) -> torch.nn.Module:
+    kwargs = dict(config.student.kwargs)
+    kwargs.setdefault(
+        "drop_path_rate", config.student.drop_path
+    ) if config.student.drop_path else None
+    model = timm.create_model(
+        config.student.name,
+        pretrained=False,
+        num_classes=config.data.num_classes,
+        in_chans=config.data.in_chans,
+        **kwargs,
+    )
+    return wrap_student(model)
+
+
+def build_teacher(config: Config):
+    if config.distill.method == "none":
+        return None
+    teacher = load_teacher(
+        config.teacher.name,
+        config.teacher.checkpoint or None,
+        num_classes=config.data.num_classes,
+        pretrained_tag=config.teacher.pretrained_tag or None,
+        **config.teacher.kwargs,
+    )
+    return teacher
+
+
+def scaled_lr(config: Config, global_batch: int) -> float:
+    """The recipe's learning rate scaled linearly to the global batch."""
+    return config.optim.lr * global_batch / config.optim.lr_batch_reference
+
+
+def build_optimization(
+    config: Config, student: torch.nn.Module, *, lr: float, steps_per_epoch: int
+):
+    """AdamW (or any timm optimizer) without weight decay on norms, biases and tokens; cosine."""
+    optimizer = create_optimizer_v2(
+        student.model, opt=config.optim.name, lr=lr, weight_decay=config.optim.weight_decay
+    )
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched="cosine",
+        num_epochs=config.optim.epochs,
+        warmup_epochs=config.optim.warmup_epochs,
+        warmup_lr=config.optim.warmup_lr,
+        min_lr=config.optim.min_lr,
+        step_on_epochs=False,
+        updates_per_epoch=steps_per_epoch,
+    )
+    return optimizer, scheduler
+
+
+def build_batch_augmentation(config: Config, device: torch.device):
+    """Random erasing and Mixup/CutMix, applied to the normalised batch on the device."""
+    augment = config.augment
+    erasing = (
+        RandomErasing(probability=augment.reprob, mode="pixel", device=str(device))
+        if augment.reprob > 0
+        else None
+    )
+    mixup = None
+    if augment.mixup > 0 or augment.cutmix > 0:
+        mixup = Mixup(
+            mixup_alpha=augment.mixup,
+            cutmix_alpha=augment.cutmix,
+            switch_prob=augment.mixup_switch_prob,
+            label_smoothing=augment.label_smoothing,
+            num_classes=config.data.num_classes,
+        )
+    return erasing, mixup
+
+
+def amp_dtype(config: Config, device: torch.device) -> torch.dtype | None:
+    amp = config.train.amp
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "off"
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+
+
+def rng_state() -> dict:
+    numpy_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (numpy_state[0], torch.from_numpy(numpy_state[1].copy()), *numpy_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_state(config, student, ema, optimizer, scheduler, scaler, state: TrainState) -> dict:
+    return {
+        "student": student.state_dict(),
+        "ema": ema.module.state_dict() if ema is not None else None,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "state": {
+            "epoch": state.epoch,
+            "step_in_epoch": state.step_in_epoch,
+            "global_step": state.global_step,
+            "best_metric": state.best_metric,
+        },
+        "rng": rng_state(),
+        "config": to_dict(config),
+        "teacher": {
+            "name": config.teacher.name,
+            "checkpoint": config.teacher.checkpoint,
+            "pretrained_tag": config.teacher.pretrained_tag,
+        },
+    }
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """Load a training checkpoint and verify it is complete."""
+    checkpoint = read_file(path)
+    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
+    if missing:
+        raise CheckpointError(
+            f"{path} is not a complete cskd training checkpoint (missing {', '.join(missing)})"
+        )
+    return checkpoint
+
+
+def resume_path(config: Config, run_dir: Path) -> Path | None:
+    if not config.train.resume:
+        return None
+    if config.train.resume == "auto":
+        last = run_dir / "last.pt"
+        return last if last.exists() else None
+    return Path(config.train.resume)
+
+
+# ---------------------------------------------------------------------------------- the run
+
+
+class StopRequest:
+    """Turns SIGTERM (what cluster schedulers send first) into a save at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self) -> StopRequest:
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+def train(config: Config) -> dict:
+    """Run (or resume) training; returns the final epoch's evaluation metrics."""
+    info = distributed.init_distributed(
+        device=config.train.device,
+        backend=config.train.dist_backend,
+        timeout_s=config.train.dist_timeout_s,
+    )
+    try:
+        with StopRequest() as stop:
+            return _train(config, info, stop)
+    finally:
+        distributed.shutdown()
+
+
+def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest) -> dict:
+    run_dir = prepare_run_dir(config, is_main=info.is_main)
+    setup_logging(rank=info.rank, log_file=run_dir / "train.log")
+    device = info.device
+    seed_everything(config.train.seed + info.rank)
+
+    train_set, val_set = build_datasets(config.data, config.augment)
+    sampler = EpochSampler(
+        train_set,
+        seed=config.train.seed,
+        rank=info.rank,
+        world_size=info.world_size,
+        repeats=3 if config.augment.repeated_aug else 1,
+    )
+    batch_size = config.data.batch_size
+    steps_per_epoch = len(sampler) // batch_size
+    if config.train.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, config.train.max_steps_per_epoch)
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"data.batch_size {batch_size} exceeds the {len(sampler)} training samples per process"
+        )
+    val_loader = eval_loader(
+        val_set,
+        batch_size=config.data.eval_batch_size or 2 * batch_size,
+        workers=config.data.workers,
+        rank=info.rank,
+        world_size=info.world_size,
+        pin_memory=device.type == "cuda",
+    )
+
+    student = build_student(config).to(device)
+    teacher = build_teacher(config)
+    if teacher is not None:
+        teacher = teacher.to(device)
+    if config.train.channels_last:
+        student = student.to(memory_format=torch.channels_last)
+        teacher = teacher.to(memory_format=torch.channels_last) if teacher is not None else None
+    ema = ModelEmaV3(student, decay=config.train.ema_decay) if config.train.ema else None
+
+    global_batch = batch_size * info.world_size
+    lr = scaled_lr(config, global_batch)
+    optimizer, scheduler = build_optimization(
+        config, student, lr=lr, steps_per_epoch=steps_per_epoch
+    )
+    dtype = amp_dtype(config, device)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    erasing, mixup = build_batch_augmentation(config, device)
+    student_norm = normalizer(config.data.mean, config.data.std, device)
+    teacher_norm = normalizer(config.teacher.mean, config.teacher.std, device)
+
+    trained = student
+    if info.enabled:
+        trained = torch.nn.parallel.DistributedDataParallel(
+            student,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=config.distill.method == "none",
+        )
+    if config.train.compile:
+        trained = torch.compile(trained)
+    weights = ObjectiveWeights(
+        method=config.distill.method,
+        alpha=config.distill.alpha,
+        cskd_weight=config.distill.cskd_weight,
+        token_kind=config.distill.token_kind,
+        cskd_kind=config.distill.cskd_kind,
+        schedule=config.distill.schedule,
+        tau=config.distill.tau,
+        label_smoothing=0.0 if mixup is not None else config.augment.label_smoothing,
+    )
+    distiller = Distiller(
+        trained, teacher, weights, student_norm=student_norm, teacher_norm=teacher_norm
+    ).to(device)
+
+    state = TrainState()
+    source = resume_path(config, run_dir)
+    if source is not None:
+        checkpoint = read_checkpoint(source)
+        student.load_state_dict(checkpoint["student"])
+        if ema is not None and checkpoint.get("ema") is not None:
+            ema.module.load_state_dict(checkpoint["ema"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        if scaler is not None and checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+        state = TrainState(**checkpoint["state"])
+        if state.step_in_epoch >= steps_per_epoch:
+            state.epoch, state.step_in_epoch = state.epoch + 1, 0
+        set_rng_state(checkpoint["rng"])
+        if info.is_main:
+            truncate_after(run_dir / "metrics.jsonl", state.global_step)
+        log.info(f"resumed from {source} at epoch {state.epoch} step {state.global_step}")
+
+    metrics_writer = MetricsWriter(run_dir, enabled=info.is_main)
+    if info.is_main:
+        (run_dir / "config.yaml").write_text(dump_config(config))
+    log.info(
+        f"{config.distill.method} | student {config.student.name} | teacher "
+        f"{config.teacher.name if teacher is not None else '-'} | {info.world_size} process(es) "
+        f"on {device} | effective batch {global_batch} | lr {lr:.3g} "
+        f"(= {config.optim.lr:g} x {global_batch} / {config.optim.lr_batch_reference}) | "
+        f"{steps_per_epoch} steps/epoch x {config.optim.epochs} epochs"
+    )
+
+    def save(name: str) -> None:
+        if info.is_main:
+            blob = checkpoint_state(config, student, ema, optimizer, scheduler, scaler, state)
+            save_atomic(blob, run_dir / name)
+
+    trainer = Trainer(
+        distiller=distiller,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        device=device,
+        epochs=config.optim.epochs,
+        steps_per_epoch=steps_per_epoch,
+        progress_unit=config.distill.progress,
+        schedule=config.distill.schedule,
+        mixup=mixup,
+        erasing=erasing,
+        ema=ema,
+        scaler=scaler,
+        amp_dtype=dtype,
+        clip_grad=config.optim.clip_grad,
+        student_norm=student_norm,
+        log_interval=config.train.log_interval,
+        show_progress=info.is_main and sys.stderr.isatty(),
+        on_log=metrics_writer.write,
+        should_stop=lambda: stop.requested,
+        on_checkpoint=lambda: save("last.pt"),
+        checkpoint_interval=config.train.checkpoint_interval,
+    )
+    rules = rules_for(student)
+    final: dict = {}
+    while state.epoch < config.optim.epochs:
+        sampler.set_epoch(state.epoch, start=state.step_in_epoch * batch_size)
+        loader = train_loader(
+            train_set,
+            sampler,
+            batch_size=batch_size,
+            workers=config.data.workers,
+            pin_memory=device.type == "cuda",
+        )
+        train_means = trainer.train_one_epoch(loader, state)
+        if stop.requested and state.step_in_epoch < steps_per_epoch:
+            save("last.pt")
+            log.info(f"SIGTERM: saved {run_dir / 'last.pt'} at step {state.global_step}; exiting")
+            metrics_writer.close()
+            return final
+        final = _evaluate_all(student, ema, val_loader, rules, device, student_norm, dtype, config)
+        record = {"type": "epoch", "epoch": state.epoch, "step": state.global_step}
+        record.update(train=train_means, eval=final)
+        metrics_writer.write(record)
+        log.info(_summary(state.epoch, config.optim.epochs, train_means, final))
+        best_value = _metric(final, config.train.best_rule)
+        scheduler.step(state.epoch + 1)
+        if best_value > state.best_metric:
+            state.best_metric = best_value
+            state.epoch += 1
+            state.step_in_epoch = 0
+            save("best.pt")
+        else:
+            state.epoch += 1
+            state.step_in_epoch = 0
+        save("last.pt")
+        if stop.requested:
+            log.info(f"SIGTERM: saved {run_dir / 'last.pt'} after epoch {state.epoch}; exiting")
+            metrics_writer.close()
+            return final
+
+    if info.is_main:
+        save_safetensors_atomic(student.state_dict(), run_dir / "student.safetensors")
+        if ema is not None:
+            save_safetensors_atomic(ema.module.state_dict(), run_dir / "student_ema.safetensors")
+        (run_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
+    metrics_writer.close()
+    return final
+
+
+def _evaluate_all(student, ema, loader, rules, device, norm, dtype, config) -> dict:
+    common = dict(
+        loader=loader,
+        rules=rules,
+        device=device,
+        student_norm=norm,
+        amp_dtype=dtype,
+        max_batches=config.train.eval_max_batches,
+    )
+    metrics = evaluate(student, **common)
+    if ema is not None:
+        metrics["ema"] = evaluate(ema.module, **common)
+    return metrics
+
+
+def _metric(metrics: dict, rule: str) -> float:
+    if rule.startswith("ema/"):
+        return metrics["ema"][rule[4:]]["top1"] if "ema" in metrics else -math.inf
+    return metrics[rule]["top1"] if rule in metrics else metrics["cls"]["top1"]
+
+
+def _summary(epoch: int, epochs: int, train_means: dict, metrics: dict) -> str:
+    rules = [key for key in metrics if key not in ("images", "ema")]
+    shown = " ".join(f"{rule} {metrics[rule]['top1']:.2f}" for rule in rules)
+    if "ema" in metrics:
+        shown += " | ema " + " ".join(
+            f"{rule} {metrics['ema'][rule]['top1']:.2f}" for rule in rules
+        )
+    return (
+        f"epoch {epoch + 1}/{epochs} loss {train_means.get('loss', float('nan')):.4f} "
+        f"({train_means['epoch_time_s']:.0f}s) | top-1 {shown}"
+    )
+
+
+def evaluate_checkpoint(config: Config | None, checkpoint_path: str | Path) -> dict:
+    """Metrics of a saved checkpoint for every rule (and its EMA weights, when saved)."""
+    checkpoint = read_checkpoint(checkpoint_path)
+    config = config or from_dict(checkpoint["config"])
+    info = distributed.init_distributed(
+        device=config.train.device,
+        backend=config.train.dist_backend,
+        timeout_s=config.train.dist_timeout_s,
+    )
+    device = info.device
+    _, val_set = build_datasets(config.data, config.augment)
+    loader = eval_loader(
+        val_set,
+        batch_size=config.data.eval_batch_size or 2 * config.data.batch_size,
+        workers=config.data.workers,
+        rank=info.rank,
+        world_size=info.world_size,
+        pin_memory=device.type == "cuda",
+    )
+    student = build_student(config).to(device)
+    student.load_state_dict(checkpoint["student"])
+    ema = None
+    if checkpoint.get("ema") is not None:
+        ema = ModelEmaV3(student, decay=config.train.ema_decay)
+        ema.module.load_state_dict(checkpoint["ema"])
+    norm = normalizer(config.data.mean, config.data.std, device)
+    try:
+        return _evaluate_all(
+            student,
+            ema,
+            loader,
+            rules_for(student),
+            device,
+            norm,
+            amp_dtype(config, device),
+            config,
+        )
+    finally:
+        distributed.shutdown()
