@@ -120,6 +120,7 @@ class TrainConfig:
     overwrite: bool = False  # allow an output_dir that holds another run
     best_rule: str = "cls+dist+patch"  # a rule, or "ema/<rule>"
     checkpoint_interval: int = 0  # also save last.pt every N steps (0 = at epoch ends only)
+    stop_after_steps: int = 0  # save last.pt and stop after N global steps (0 = run to the end)
     max_steps_per_epoch: int = 0  # 0 = the whole epoch; N = stop each epoch after N steps
     eval_max_batches: int = 0  # 0 = the whole validation set
     channels_last: bool = False

@@ -119,7 +119,15 @@ def _worker_init(worker_id: int) -> None:
 def train_loader(
     dataset: Dataset, sampler: EpochSampler, *, batch_size: int, workers: int, pin_memory: bool
 ) -> DataLoader:
-    """A loader over the sampler's current epoch; make a new one after ``sampler.set_epoch``."""
+    """A loader over the sampler's current epoch; make a new one after ``sampler.set_epoch``.
+
+    The loader draws its worker seeds from its own generator, never from the global torch RNG,
+    so creating it (at an epoch start, or after a resume) leaves the training RNG untouched.
+    """
+    loader_slot = 2**32 - 1  # a position no sample reaches
+    generator = torch.Generator().manual_seed(
+        sample_seed(sampler.seed, sampler.epoch, sampler.rank, loader_slot)
+    )
     return DataLoader(
         SeededSamples(dataset),
         batch_size=batch_size,
@@ -129,6 +137,7 @@ def train_loader(
         drop_last=True,
         worker_init_fn=_worker_init,
         persistent_workers=False,
+        generator=generator,
     )
 
 

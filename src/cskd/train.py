@@ -81,7 +81,7 @@ def build_teacher(config: Config):
         config.teacher.checkpoint or None,
         num_classes=config.data.num_classes,
         pretrained_tag=config.teacher.pretrained_tag or None,
-        **config.teacher.kwargs,
+        **{"in_chans": config.data.in_chans, **config.teacher.kwargs},
     )
     return teacher
 
@@ -374,7 +374,7 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
         log_interval=config.train.log_interval,
         show_progress=info.is_main and sys.stderr.isatty(),
         on_log=metrics_writer.write,
-        should_stop=lambda: stop.requested,
+        should_stop=lambda: stop.requested or 0 < config.train.stop_after_steps <= state.global_step,
         on_checkpoint=lambda: save("last.pt"),
         checkpoint_interval=config.train.checkpoint_interval,
     )
@@ -390,9 +390,10 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
             pin_memory=device.type == "cuda",
         )
         train_means = trainer.train_one_epoch(loader, state)
-        if stop.requested and state.step_in_epoch < steps_per_epoch:
+        stopping = trainer.should_stop()
+        if stopping and state.step_in_epoch < steps_per_epoch:
             save("last.pt")
-            log.info(f"SIGTERM: saved {run_dir / 'last.pt'} at step {state.global_step}; exiting")
+            log.info(f"stop requested: saved {run_dir / 'last.pt'} at step {state.global_step}")
             metrics_writer.close()
             return final
         final = _evaluate_all(student, ema, val_loader, rules, device, student_norm, dtype, config)
@@ -411,8 +412,8 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
             state.epoch += 1
             state.step_in_epoch = 0
         save("last.pt")
-        if stop.requested:
-            log.info(f"SIGTERM: saved {run_dir / 'last.pt'} after epoch {state.epoch}; exiting")
+        if stopping:
+            log.info(f"stop requested: saved {run_dir / 'last.pt'} after epoch {state.epoch}")
             metrics_writer.close()
             return final
 

@@ -1,0 +1,106 @@
+"""Real ``cskd train`` / ``cskd eval`` runs of a few steps on synthetic data, and what they write."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import timm
+import torch
+import yaml
+from conftest import TINY_STUDENT
+from safetensors.torch import load_file
+
+from cskd.cli import main
+from cskd.models import DenseStudent, combine_heads
+
+
+def _records(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["type"] == kind]
+
+
+def test_train_writes_every_output_and_eval_reproduces_the_last_epoch(tmp_path, tiny_run, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["train", *tiny_run()]) == 0
+    for name in ["config.yaml", "metrics.jsonl", "train.log", "last.pt", "best.pt"]:
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run_dir / "student.safetensors").is_file()
+    assert not list(run_dir.glob("*.tmp")), "a temporary checkpoint was left behind"
+
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["distill"]["method"] == "cskd" and saved["data"]["num_classes"] == 4
+
+    steps, epochs = _records(run_dir, "step"), _records(run_dir, "epoch")
+    assert len(epochs) == 2
+    for key in ["loss", "base", "token", "cskd", "local_weight", "lr", "images_per_s"]:
+        assert key in steps[0], key
+    assert steps[0]["local_weight"] == 1.0 and epochs[-1]["train"]["local_weight"] == 0.5
+
+    checkpoint = torch.load(run_dir / "last.pt", weights_only=True)
+    for key in ["student", "ema", "optimizer", "scheduler", "scaler", "state", "rng", "config"]:
+        assert key in checkpoint, key
+    assert checkpoint["state"]["epoch"] == 2 and checkpoint["state"]["global_step"] == 8
+    assert checkpoint["teacher"]["name"] == "resnet18"
+    assert not any(k.startswith(("teacher", "model.")) for k in checkpoint["student"])
+    assert set(checkpoint["config"]) == set(saved)
+
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run_dir / "last.pt")]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    logged = epochs[-1]["eval"]
+    for rule in ["cls", "cls+dist", "cls+dist+patch"]:
+        assert evaluated[rule] == logged[rule], rule
+        assert evaluated["ema"][rule] == logged["ema"][rule], rule
+    assert evaluated["images"] == logged["images"] == 8
+
+
+def test_resume_continues_with_the_same_losses_as_the_uninterrupted_run(
+    tmp_path, teacher_checkpoint
+):
+    from conftest import tiny_overrides
+
+    full, parts = tmp_path / "full", tmp_path / "parts"
+    common = {"train.log_interval": 1, "optim.epochs": 3}
+    assert main(["train", *tiny_overrides(full, teacher_checkpoint, **common)]) == 0
+    # stop mid-epoch (step 5 of 4-step epochs), then resume from last.pt
+    stopped = tiny_overrides(parts, teacher_checkpoint, **common, **{"train.stop_after_steps": 5})
+    assert main(["train", *stopped]) == 0
+    assert torch.load(parts / "last.pt", weights_only=True)["state"]["global_step"] == 5
+    assert not (parts / "student.safetensors").exists()
+    resumed = tiny_overrides(parts, teacher_checkpoint, **common, **{"train.resume": "auto"})
+    assert main(["train", *resumed]) == 0
+    expected = {r["step"]: r["loss"] for r in _records(full, "step")}
+    got = {r["step"]: r["loss"] for r in _records(parts, "step")}
+    assert sorted(got) == sorted(expected) == list(range(1, 13))
+    assert got[6] == expected[6], "the first step after resuming differs"
+    assert got == expected
+    final_full = load_file(str(full / "student.safetensors"))
+    final_parts = load_file(str(parts / "student.safetensors"))
+    for key, value in final_full.items():
+        torch.testing.assert_close(final_parts[key], value, rtol=0, atol=0)
+
+
+def test_exported_student_loads_into_plain_timm_with_the_same_logits(tmp_path, tiny_run):
+    assert main(["train", *tiny_run(**{"optim.epochs": 1, "optim.warmup_epochs": 0})]) == 0
+    kwargs = dict(pretrained=False, num_classes=4, in_chans=3, **TINY_STUDENT)
+    plain = timm.create_model("deit_tiny_distilled_patch16_224", **kwargs).eval()
+    plain.load_state_dict(load_file(str(tmp_path / "run" / "student.safetensors")))
+    trained = DenseStudent(timm.create_model("deit_tiny_distilled_patch16_224", **kwargs)).eval()
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["student"]
+    trained.load_state_dict(state)
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(images), combine_heads(trained(images), "cls+dist"))
+    assert not torch.allclose(
+        plain.head.weight,
+        timm.create_model("deit_tiny_distilled_patch16_224", **kwargs).head.weight,
+    )
+
+
+def test_demo_quick_prints_the_table(tmp_path, capsys):
+    assert main(["demo", "--quick", "--output-dir", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "| ViT student, CSKD |" in out and "| teacher (CNN, supervised) |" in out
+    assert (tmp_path / "demo" / "cskd" / "student.safetensors").is_file()
