@@ -59,10 +59,7 @@ def prepare_run_dir(config: Config, *, is_main: bool) -> Path:
 
 
 def build_student(config: Config) -> torch.nn.Module:
-    kwargs = dict(config.student.kwargs)
-    kwargs.setdefault(
-        "drop_path_rate", config.student.drop_path
-    ) if config.student.drop_path else None
+    kwargs = {"drop_path_rate": config.student.drop_path, **config.student.kwargs}
     model = timm.create_model(
         config.student.name,
         pretrained=False,
@@ -401,16 +398,11 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
         record.update(train=train_means, eval=final)
         metrics_writer.write(record)
         log.info(_summary(state.epoch, config.optim.epochs, train_means, final))
+        state.epoch, state.step_in_epoch = state.epoch + 1, 0
         best_value = _metric(final, config.train.best_rule)
-        scheduler.step(state.epoch + 1)
         if best_value > state.best_metric:
             state.best_metric = best_value
-            state.epoch += 1
-            state.step_in_epoch = 0
             save("best.pt")
-        else:
-            state.epoch += 1
-            state.step_in_epoch = 0
         save("last.pt")
         if stopping:
             log.info(f"stop requested: saved {run_dir / 'last.pt'} after epoch {state.epoch}")
