@@ -9,6 +9,7 @@ with YAML-typed values. Unknown keys, wrong types and impossible values raise
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,11 +167,15 @@ NON_NEGATIVE += (
 NON_NEGATIVE += ("data.eval_batch_size", "student.drop_path")
 PROBABILITIES = ("augment.hflip", "augment.reprob", "augment.mixup_switch_prob")
 PROBABILITIES += ("distill.alpha", "train.ema_decay", "augment.label_smoothing")
+# PyYAML (YAML 1.1) reads "1e-3" and "5e-4" as strings; float fields accept such numbers.
+SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _convert(value: Any, kind: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``kind``; ints widen to floats, lists to tuples."""
     origin = typing.get_origin(kind)
+    if kind is float and isinstance(value, str) and SCIENTIFIC.fullmatch(value.strip()):
+        return float(value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind in (str, int, float, bool):
