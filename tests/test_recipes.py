@@ -1,0 +1,298 @@
+"""The shipped recipes: every file loads; the ImageNet runs match DeiT's published recipe and the
+paper's setup field by field; bad recipes fail naming the key; each ImageNet run trains for two
+steps with shrunken models at the real 224 px shapes (14 x 14 student grid, 7 x 7 teacher map)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from cskd.config import ConfigError, get_value, load_config, to_dict
+from cskd.models import DenseStudent, DenseTeacher
+from cskd.train import build_student, build_teacher, read_checkpoint, scaled_lr, train
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+IMAGENET = CONFIGS / "imagenet"
+ALL_RECIPES = sorted(CONFIGS.rglob("*.yaml"))
+RUN_FILES = sorted(path.name for path in IMAGENET.glob("[!_]*.yaml"))
+
+# DeiT's recipe as published (method.md, "Recipe and results"), shared by every ImageNet run.
+PUBLISHED = {
+    "optim.name": "adamw",
+    "optim.epochs": 300,
+    "optim.weight_decay": 0.05,
+    "optim.warmup_epochs": 5,
+    "optim.clip_grad": 0.0,
+    "augment.label_smoothing": 0.1,
+    "augment.randaugment": "rand-m9-mstd0.5-inc1",
+    "augment.reprob": 0.25,
+    "augment.mixup": 0.8,
+    "augment.cutmix": 1.0,
+    "augment.mixup_switch_prob": 0.5,
+    "augment.repeated_aug": True,
+    "augment.interpolation": "bicubic",
+    "train.ema": True,
+    "data.image_size": 224,
+    "data.in_chans": 3,
+    "data.dataset": "folder",
+    "data.num_classes": 1000,
+    "data.batch_size": 128,  # per GPU, x 8 GPUs = 1024
+    "data.eval_crop_pct": 0.875,
+    "student.drop_path": 0.1,
+    "teacher.name": "regnety_160",
+    "teacher.pretrained_tag": "deit_in1k",
+    "distill.alpha": 0.5,
+    "distill.token_kind": "hard",
+    "distill.tau": 1.0,
+    "distill.progress": "epoch",
+}
+GLOBAL_BATCH = 1024  # 8 GPUs x 128
+PUBLISHED_LR = 1e-3  # at GLOBAL_BATCH
+
+STUDENTS = {size: f"deit_{size}_distilled_patch16_224" for size in ("tiny", "small", "base")}
+# file -> (student, method, schedule, cskd_kind, best_rule, top-1 in its header comment)
+RUNS = {
+    "deit_tiny_cskd.yaml": (STUDENTS["tiny"], "cskd", "linear", "hard", "cls+dist+patch", "76.3"),
+    "deit_small_cskd.yaml": (STUDENTS["small"], "cskd", "linear", "hard", "cls+dist+patch", "82.3"),
+    "deit_base_cskd.yaml": (STUDENTS["base"], "cskd", "linear", "hard", "cls+dist+patch", "83.8"),
+    "deit_tiny_deit.yaml": (STUDENTS["tiny"], "deit", "linear", "hard", "cls+dist", "74.5"),
+    "deit_small_deit.yaml": (STUDENTS["small"], "deit", "linear", "hard", "cls+dist", "81.2"),
+    "deit_base_deit.yaml": (STUDENTS["base"], "deit", "linear", "hard", "cls+dist", "83.4"),
+    "ablation_dense.yaml": (STUDENTS["small"], "cskd", "dense", "hard", "cls+dist+patch", None),
+    "ablation_global.yaml": (STUDENTS["small"], "cskd", "global", "hard", "cls+dist+patch", None),
+    "ablation_x2.yaml": (STUDENTS["small"], "cskd", "x2", "hard", "cls+dist+patch", None),
+    "ablation_cos.yaml": (STUDENTS["small"], "cskd", "cos", "hard", "cls+dist+patch", None),
+    "ablation_soft.yaml": (STUDENTS["small"], "cskd", "linear", "soft", "cls+dist+patch", None),
+}
+
+
+def header(path: Path) -> str:
+    """The comment block a recipe opens with."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line)
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def test_the_recipe_folders_are_found():
+    folders = {path.parent.name for path in ALL_RECIPES}
+    assert {"imagenet", "fashion_mnist"} <= folders
+    assert RUN_FILES == sorted(RUNS), "every ImageNet run file needs a row in RUNS (and back)"
+
+
+@pytest.mark.parametrize("path", ALL_RECIPES, ids=lambda path: f"{path.parent.name}/{path.name}")
+def test_every_shipped_recipe_loads_and_validates(path):
+    config = load_config(path)
+    assert config.optim.lr > 0 and config.data.batch_size > 0
+
+
+# ---------------------------------------------------------------------------- the ImageNet runs
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_imagenet_recipe_matches_the_published_recipe(name):
+    config = load_config(IMAGENET / name)
+    resolved = {key: get_value(config, key) for key in PUBLISHED}
+    assert resolved == PUBLISHED
+    assert scaled_lr(config, GLOBAL_BATCH) == pytest.approx(PUBLISHED_LR)
+    assert scaled_lr(config, GLOBAL_BATCH // 2) == pytest.approx(PUBLISHED_LR / 2)
+    student, method, schedule, kind, best_rule, _ = RUNS[name]
+    assert config.student.name == student
+    assert config.student.kwargs == {}  # the real model, not a shrunken one
+    assert config.distill.method == method
+    assert config.distill.schedule == schedule
+    assert config.distill.cskd_kind == kind
+    assert config.train.best_rule == best_rule
+    assert config.train.output_dir == f"runs/imagenet/{name.removesuffix('.yaml')}"
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_imagenet_recipe_header_gives_command_hardware_time_and_result(name):
+    text = header(IMAGENET / name)
+    assert f"torchrun --nproc_per_node=8 -m cskd train --config configs/imagenet/{name}" in text
+    assert "Hardware: 8 GPUs" in text
+    assert "Wall time:" in text
+    expected_top1 = RUNS[name][-1]
+    assert (expected_top1 in text) if expected_top1 else ("Result" in text)
+
+
+@pytest.mark.parametrize("name", [name for name in RUNS if not name.endswith("_cskd.yaml")])
+def test_baselines_and_ablations_are_small_overrides(name):
+    body = [line for line in (IMAGENET / name).read_text().splitlines() if line[:1] not in "#"]
+    assert body[0].startswith("base: deit_") and body[0].endswith("_cskd.yaml")
+    assert len(body) <= 5, f"{name} should state only what differs from its base"
+
+
+@pytest.mark.parametrize("size", sorted(STUDENTS))
+def test_real_models_give_a_14x14_student_grid_and_a_7x7_teacher_map(size):
+    """The recipe's full-size models at 224 px, shapes only (meta tensors: no memory, no maths)."""
+    config = load_config(IMAGENET / f"deit_{size}_cskd.yaml")
+    side = config.data.image_size
+    with torch.device("meta"):
+        student = timm.create_model(config.student.name, pretrained=False)
+        teacher = timm.create_model(config.teacher.name, pretrained=False)
+        features = teacher.forward_features(torch.empty(1, 3, side, side))  # (1, C_f, H, W)
+    assert tuple(student.patch_embed.grid_size) == (14, 14)
+    assert tuple(features.shape[-2:]) == (7, 7)
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def test_unknown_override_key_is_named():
+    with pytest.raises(ConfigError, match=r"optim\.lrr"):
+        load_config(IMAGENET / "deit_small_cskd.yaml", ["optim.lrr=1"])
+
+
+def test_typo_inside_a_recipe_file_is_named(tmp_path):
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text(f"base: {IMAGENET / 'deit_small_cskd.yaml'}\naugment: {{mixpu: 0.5}}\n")
+    with pytest.raises(ConfigError, match=r"augment\.mixpu"):
+        load_config(recipe)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.epochs=3.5", r"optim\.epochs: expected int"),
+        ("augment.repeated_aug=sometimes", r"augment\.repeated_aug: expected bool"),
+        ("optim.lr=-1e-3", r"optim\.lr must be positive"),
+        ("distill.progress=batch", r"distill\.progress: 'batch' is not one of epoch, step"),
+        ("distill.schedule=linaer", r"distill\.schedule"),
+    ],
+)
+def test_impossible_values_are_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(IMAGENET / "deit_small_cskd.yaml", [override])
+
+
+def test_exponent_floats_are_read_as_floats():
+    """PyYAML reads 1e-3 as a string; the schema turns it into the float the user meant."""
+    config = load_config(IMAGENET / "deit_small_cskd.yaml", ["optim.lr=1e-3"])
+    assert config.optim.lr == 1e-3
+    assert scaled_lr(config, GLOBAL_BATCH) == pytest.approx(2e-3)
+
+
+def test_missing_imagenet_folder_is_one_clear_line(tmp_path):
+    command = [sys.executable, "-m", "cskd", "train", "--config"]
+    command += [str(IMAGENET / "deit_small_cskd.yaml"), "data.root=/nonexistent"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("cskd train: error:") and "/nonexistent" in lines[0]
+    assert "data.root" in lines[0]
+
+
+# ---------------------------------------------------------------------------- two-step runs
+
+TINY_VIT = "{embed_dim: 32, depth: 1, num_heads: 2}"  # keeps patch 16 at 224 px: 14 x 14 grid
+TINY_CNN = {"channels": [8, 16, 32, 64], "stem_width": 8}  # stride 32: 7 x 7 at 224 px
+TINY_CLASSES = 10
+SMOKE_RUNS = [
+    "deit_tiny_cskd.yaml",
+    "deit_small_cskd.yaml",
+    "deit_base_cskd.yaml",
+    "deit_small_deit.yaml",
+    "ablation_global.yaml",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher_224(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=TINY_CLASSES, **TINY_CNN)
+    path = tmp_path_factory.mktemp("teacher224") / "teacher.pth"
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+def shrunken(output_dir: Path, teacher_checkpoint: str) -> list[str]:
+    """Overrides that keep a recipe's names, augmentation and shapes but shrink its cost."""
+    return [
+        f"student.kwargs={TINY_VIT}",
+        "teacher.name=resnet18",
+        f"teacher.kwargs={json.dumps(TINY_CNN)}",
+        f"teacher.checkpoint={teacher_checkpoint}",
+        "teacher.pretrained_tag=",
+        "data.dataset=synthetic",
+        f"data.num_classes={TINY_CLASSES}",
+        "data.synthetic_size=16",
+        "data.batch_size=4",
+        "data.eval_batch_size=4",
+        "data.workers=0",
+        "optim.epochs=1",
+        "optim.warmup_epochs=0",
+        "train.device=cpu",
+        "train.log_interval=1",
+        "train.max_steps_per_epoch=2",
+        "train.eval_max_batches=1",
+        f"train.output_dir={output_dir}",
+    ]
+
+
+@pytest.mark.parametrize("name", SMOKE_RUNS)
+def test_imagenet_recipe_trains_two_steps_at_224_px(name, tmp_path, tiny_teacher_224, monkeypatch):
+    config = load_config(IMAGENET / name, shrunken(tmp_path / "run", tiny_teacher_224))
+    _, method, schedule, _, _, _ = RUNS[name]
+    assert (config.student.name, config.data.image_size) == (RUNS[name][0], 224)
+
+    teacher_maps, student_grids = [], []
+    teacher_forward, student_forward = DenseTeacher.forward, DenseStudent.forward
+
+    def spy_teacher(self, images):
+        output = teacher_forward(self, images)
+        teacher_maps.append((tuple(images.shape[-2:]), tuple(output.dense_logits.shape[-2:])))
+        return output
+
+    def spy_student(self, images, **kwargs):
+        output = student_forward(self, images, **kwargs)
+        student_grids.append((self._grid_for(images), kwargs.get("output_grid")))
+        return output
+
+    monkeypatch.setattr(DenseTeacher, "forward", spy_teacher)
+    monkeypatch.setattr(DenseStudent, "forward", spy_student)
+    final = train(config)
+
+    run_dir = tmp_path / "run"
+    assert (run_dir / "last.pt").is_file() and (run_dir / "config.yaml").is_file()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [record for record in records if record["type"] == "step"]
+    assert [record["step"] for record in steps] == [1, 2]
+    assert all(math.isfinite(record["loss"]) for record in steps)
+    assert final["images"] == 4 and "ema" in final
+    assert [record["epoch"] for record in records if record["type"] == "epoch"] == [0]
+    saved = read_checkpoint(run_dir / "last.pt")
+    assert saved["config"]["student"]["name"] == config.student.name
+    assert saved["config"]["distill"] == to_dict(config)["distill"]
+    if method == "cskd":
+        assert all("cskd" in record for record in steps)
+        expected_weight = 0.0 if schedule == "global" else 1.0  # a(0)
+        assert [record["local_weight"] for record in steps] == [expected_weight] * 2
+    else:
+        assert not any("cskd" in record for record in steps)
+    training_maps = [shapes for shapes in teacher_maps if shapes[0] == (224, 224)]
+    assert len(training_maps) == 2 and {shapes[1] for shapes in training_maps} == {(7, 7)}
+    training_grids = [grids for grids in student_grids if grids[1] != (1, 1)]
+    assert len(training_grids) == 2
+    assert {grids[0] for grids in training_grids} == {(14, 14)}
+    assert {grids[1] for grids in training_grids} == {(7, 7) if method == "cskd" else None}
+
+
+def test_shrunken_models_keep_the_recipe_grids(tiny_teacher_224, tmp_path):
+    config = load_config(IMAGENET / "deit_base_cskd.yaml", shrunken(tmp_path, tiny_teacher_224))
+    student, teacher = build_student(config), build_teacher(config)
+    assert student.grid_size == (14, 14) and student.model.embed_dim == 32
+    assert teacher(torch.zeros(1, 3, 224, 224)).dense_logits.shape == (1, TINY_CLASSES, 7, 7)
