@@ -128,9 +128,11 @@ def run_one(
     config = load_config(recipe, overrides)
     print(f"[benchmark] {key}: training ({' '.join(overrides)})", flush=True)
     start = time.perf_counter()
-    final = train(config)
-    if not final and (run_dir / "final_metrics.json").exists():  # it had finished before
-        final = json.loads((run_dir / "final_metrics.json").read_text())
+    train(config)
+    finished = run_dir / "final_metrics.json"  # written only when the last epoch is done
+    if not finished.exists():
+        raise SystemExit(f"[benchmark] {key} stopped before its last epoch: rerun to resume it")
+    final = json.loads(finished.read_text())
     entry = {
         "recipe": str(recipe.relative_to(ROOT)),
         "overrides": overrides,
@@ -290,7 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the main methods")
     parser.add_argument("--output-dir", default="runs/benchmarks/fashion_mnist", help="run folders")
     parser.add_argument("--results-dir", default="docs/results", help="JSON, Markdown and PNG")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     arguments = parser.parse_args(argv)
+    if arguments.threads:
+        torch.set_num_threads(arguments.threads)
 
     output_dir, results_dir = Path(arguments.output_dir), Path(arguments.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)

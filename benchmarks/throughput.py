@@ -1,0 +1,388 @@
+"""Training throughput of the student alone, DeiT distillation and CSKD, side by side.
+
+For each student/teacher pair, three trainers are built from the same config through the real code
+(``cskd.train`` builders, :class:`cskd.engine.Distiller`, :meth:`cskd.engine.Trainer.step`), with
+the same initial student weights, the same frozen teacher and the same synthetic batch. The timed
+blocks are interleaved (rep 1: none, deit, cskd, teacher forward; rep 2: ...), so slow phases of a
+shared machine hit every method alike; the report gives the median images/s over repetitions, the
+spread (min-max), CSKD's step time relative to DeiT's, and the teacher forward's share of the DeiT
+step.
+
+    python benchmarks/throughput.py                        # the CPU pairs
+    python benchmarks/throughput.py --device cuda --pairs deit_ti_regnety_160 deit_s_regnety_160
+    python benchmarks/throughput.py --quick --results-dir /tmp/t    # a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+
+from cskd.config import Config, load_config
+from cskd.engine import Distiller, Trainer, TrainState, normalizer
+from cskd.losses import ObjectiveWeights
+from cskd.models import DenseTeacher
+from cskd.train import (
+    amp_dtype,
+    build_batch_augmentation,
+    build_optimization,
+    build_student,
+    scaled_lr,
+    seed_everything,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+METHODS = ("none", "deit", "cskd")
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A student/teacher pair at one resolution and batch size."""
+
+    description: str
+    recipe: str  # a recipe for everything not overridden here ("" = the defaults)
+    overrides: tuple[str, ...]
+    batch_size: int
+
+
+PAIRS = {
+    # The Fashion-MNIST benchmark pair: 8 x 8 student grid pooled 2 x 2 to the 4 x 4 teacher map.
+    "fashion_mnist": Pair(
+        "DeiT (embed 64, depth 4, patch 4) / ResNet-18 (narrow, stride 8), 32 px, 1 channel",
+        "configs/fashion_mnist/cskd.yaml",
+        (),
+        128,
+    ),
+    # The paper's geometry at CPU cost: DeiT-Ti at 224 px (14 x 14) with a tiny RegNetY (7 x 7).
+    "deit_ti_regnety_002": Pair(
+        "DeiT-Ti / RegNetY-200MF, 224 px, ImageNet recipe (Mixup/CutMix, erasing)",
+        "",
+        ("student.name=deit_tiny_distilled_patch16_224", "teacher.name=regnety_002"),
+        32,
+    ),
+    # The paper's pairs (GPU).
+    "deit_ti_regnety_160": Pair(
+        "DeiT-Ti / RegNetY-16GF, 224 px, ImageNet recipe",
+        "",
+        ("student.name=deit_tiny_distilled_patch16_224", "teacher.name=regnety_160"),
+        256,
+    ),
+    "deit_s_regnety_160": Pair(
+        "DeiT-S / RegNetY-16GF, 224 px, ImageNet recipe",
+        "",
+        ("student.name=deit_small_distilled_patch16_224", "teacher.name=regnety_160"),
+        256,
+    ),
+}
+CPU_PAIRS = ("fashion_mnist", "deit_ti_regnety_002")
+QUICK_OVERRIDES = (
+    "student.kwargs={img_size: 32, patch_size: 4, embed_dim: 32, depth: 1, num_heads: 2}",
+    "teacher.kwargs={channels: [8, 16, 32, 64], output_stride: 8}",
+)
+
+
+def pair_config(pair: Pair, *, batch_size: int, device: str, extra: list[str]) -> Config:
+    overrides = [*pair.overrides, f"data.batch_size={batch_size}", f"train.device={device}"]
+    overrides += ["data.dataset=synthetic", "train.ema=false", *extra]
+    return load_config(ROOT / pair.recipe if pair.recipe else None, overrides)
+
+
+def build_teacher_model(config: Config, device: torch.device) -> DenseTeacher:
+    """The pair's teacher with random weights (throughput does not depend on them)."""
+    model = timm.create_model(
+        config.teacher.name,
+        pretrained=False,
+        num_classes=config.data.num_classes,
+        in_chans=config.data.in_chans,
+        **config.teacher.kwargs,
+    )
+    return DenseTeacher(model, name=config.teacher.name).to(device)
+
+
+def build_trainer(
+    config: Config, method: str, student: torch.nn.Module, teacher: DenseTeacher | None, device
+) -> tuple[Trainer, torch.nn.Module]:
+    """A Trainer exactly as :func:`cskd.train.train` assembles it (no EMA, no logging)."""
+    student = copy.deepcopy(student)
+    lr = scaled_lr(config, config.data.batch_size)
+    optimizer, scheduler = build_optimization(config, student, lr=lr, steps_per_epoch=10_000)
+    erasing, mixup = build_batch_augmentation(config, device)
+    student_norm = normalizer(config.data.mean, config.data.std, device)
+    teacher_norm = normalizer(config.teacher.mean, config.teacher.std, device)
+    trained = torch.compile(student) if config.train.compile else student
+    weights = ObjectiveWeights(
+        method=method,
+        alpha=config.distill.alpha,
+        cskd_weight=config.distill.cskd_weight,
+        token_kind=config.distill.token_kind,
+        cskd_kind=config.distill.cskd_kind,
+        schedule=config.distill.schedule,
+        tau=config.distill.tau,
+        label_smoothing=0.0 if mixup is not None else config.augment.label_smoothing,
+    )
+    distiller = Distiller(
+        trained,
+        teacher if method != "none" else None,
+        weights,
+        student_norm=student_norm,
+        teacher_norm=teacher_norm,
+    ).to(device)
+    distiller.train()
+    trainer = Trainer(
+        distiller=distiller,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        device=device,
+        epochs=1,
+        steps_per_epoch=10_000,
+        progress_unit=config.distill.progress,
+        schedule=config.distill.schedule,
+        mixup=mixup,
+        erasing=erasing,
+        amp_dtype=amp_dtype(config, device),
+        clip_grad=config.optim.clip_grad,
+        student_norm=student_norm,
+    )
+    return trainer, distiller
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_pair(
+    name: str,
+    pair: Pair,
+    *,
+    batch_size: int,
+    device: torch.device,
+    repeats: int,
+    steps: int,
+    warmup: int,
+    extra: list[str],
+) -> dict:
+    """Interleaved timing of one pair; returns per-method images/s lists and the teacher's."""
+    config = pair_config(pair, batch_size=batch_size, device=str(device), extra=extra)
+    seed_everything(0)
+    student = build_student(config).to(device)
+    teacher = build_teacher_model(config, device)
+    if config.train.channels_last:
+        student = student.to(memory_format=torch.channels_last)
+        teacher = teacher.to(memory_format=torch.channels_last)
+    trainers = {
+        method: build_trainer(config, method, student, teacher, device)[0] for method in METHODS
+    }
+    shape = (batch_size, config.data.in_chans, config.data.image_size, config.data.image_size)
+    generator = torch.Generator().manual_seed(0)
+    batch = {
+        "image": torch.rand(shape, generator=generator).to(device),
+        "target": torch.randint(0, config.data.num_classes, (batch_size,), generator=generator).to(
+            device
+        ),
+    }
+    teacher_trainer = trainers["deit"]
+    states = {method: TrainState() for method in METHODS}
+
+    def run_steps(method: str, count: int) -> None:
+        for _ in range(count):
+            trainers[method].step(batch, states[method])
+
+    def teacher_forward(count: int) -> None:
+        distiller = teacher_trainer.distiller
+        with torch.no_grad(), teacher_trainer.autocast():
+            for _ in range(count):
+                images, _ = teacher_trainer.prepare(batch)
+                distiller.teacher(images * distiller.teacher_scale + distiller.teacher_shift)
+
+    for method in METHODS:
+        run_steps(method, warmup)
+    teacher_forward(warmup)
+    synchronize(device)
+    timings: dict[str, list[float]] = {method: [] for method in (*METHODS, "teacher")}
+    for _ in range(repeats):
+        for method in (*METHODS, "teacher"):
+            synchronize(device)
+            start = time.perf_counter()
+            if method == "teacher":
+                teacher_forward(steps)
+            else:
+                run_steps(method, steps)
+            synchronize(device)
+            timings[method].append((time.perf_counter() - start) / steps)  # s per step
+    return {
+        "pair": name,
+        "description": pair.description,
+        "batch_size": batch_size,
+        "image_size": config.data.image_size,
+        "amp": str(amp_dtype(config, device)),
+        "compile": config.train.compile,
+        "channels_last": config.train.channels_last,
+        "seconds_per_step": timings,
+    }
+
+
+def summarise(result: dict) -> dict:
+    """Median images/s with min-max spread per method, CSKD vs DeiT, and the teacher's share."""
+    batch = result["batch_size"]
+    times = result["seconds_per_step"]
+    rows = {}
+    for method in (*METHODS, "teacher"):
+        median = statistics.median(times[method])
+        rows[method] = {
+            "images_per_s": batch / median,
+            "min": batch / max(times[method]),
+            "max": batch / min(times[method]),
+            "ms_per_step": 1000 * median,
+        }
+    # The ratio per repetition (both timed back to back), then its median: robust to slow phases.
+    ratios = [c / d for c, d in zip(times["cskd"], times["deit"], strict=True)]
+    shares = [t / d for t, d in zip(times["teacher"], times["deit"], strict=True)]
+    return {
+        "rows": rows,
+        "cskd_over_deit": statistics.median(ratios),
+        "cskd_over_deit_range": (min(ratios), max(ratios)),
+        "teacher_share_of_deit_step": statistics.median(shares),
+    }
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
+    return (
+        f"{os.cpu_count()} CPU cores ({cpu_model()}), {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}"
+    )
+
+
+def table(results: list[dict]) -> str:
+    lines = [
+        "| pair | batch | amp | compile | student alone (img/s) | DeiT (img/s) | CSKD (img/s) "
+        "| CSKD / DeiT step time | teacher fwd share of DeiT step |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        summary = summarise(result)
+        cells = []
+        for method in METHODS:
+            row = summary["rows"][method]
+            cells.append(f"{row['images_per_s']:.0f} ({row['min']:.0f}–{row['max']:.0f})")
+        low, high = summary["cskd_over_deit_range"]
+        lines.append(
+            f"| {result['pair']} | {result['batch_size']} | {result['amp']} | {result['compile']} | "
+            + " | ".join(cells)
+            + f" | {summary['cskd_over_deit']:.3f} ({low:.3f}–{high:.3f}) | "
+            f"{100 * summary['teacher_share_of_deit_step']:.0f}% |"
+        )
+    return "\n".join(lines)
+
+
+GENERATED_START = "<!-- generated:start (benchmarks/throughput.py rewrites this block) -->"
+GENERATED_END = "<!-- generated:end -->"
+
+
+def write_report(path: Path, text: str) -> None:
+    """Replace the generated block of ``path`` (or create the file around it)."""
+    block = f"{GENERATED_START}\n\n{text}\n{GENERATED_END}"
+    if path.exists() and GENERATED_START in path.read_text():
+        before, rest = path.read_text().split(GENERATED_START, 1)
+        after = rest.split(GENERATED_END, 1)[1] if GENERATED_END in rest else "\n"
+        path.write_text(before + block + after)
+    else:
+        path.write_text("# Training throughput: student alone, DeiT, CSKD\n\n" + block + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", nargs="+", default=list(CPU_PAIRS), choices=sorted(PAIRS))
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    parser.add_argument("--batch-size", type=int, default=0, help="0 = each pair's own")
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved repetitions")
+    parser.add_argument("--steps", type=int, default=3, help="steps per timed block")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    parser.add_argument("--quick", action="store_true", help="a tiny model, 1 repetition")
+    parser.add_argument("--results-dir", default="docs/results")
+    parser.add_argument("--name", default="throughput", help="results file name (no suffix)")
+    parser.add_argument("overrides", nargs="*", help="config key=value (train.amp=bf16, ...)")
+    arguments = parser.parse_args(argv)
+
+    if arguments.threads:
+        torch.set_num_threads(arguments.threads)
+    device = torch.device(arguments.device)
+    extra = list(arguments.overrides)
+    pairs = arguments.pairs
+    if arguments.quick:
+        pairs, extra = ["fashion_mnist"], [*extra, *QUICK_OVERRIDES]
+        arguments.repeats, arguments.steps, arguments.warmup = 2, 1, 1
+    results = []
+    for name in pairs:
+        pair = PAIRS[name]
+        batch_size = arguments.batch_size or (8 if arguments.quick else pair.batch_size)
+        print(f"[throughput] {name}: batch {batch_size} on {device}", flush=True)
+        result = measure_pair(
+            name,
+            pair,
+            batch_size=batch_size,
+            device=device,
+            repeats=arguments.repeats,
+            steps=arguments.steps,
+            warmup=arguments.warmup,
+            extra=extra,
+        )
+        results.append(result)
+        summary = summarise(result)
+        print(
+            f"[throughput] {name}: "
+            + ", ".join(f"{m} {summary['rows'][m]['images_per_s']:.0f} img/s" for m in METHODS)
+            + f"; CSKD/DeiT step {summary['cskd_over_deit']:.3f}; teacher share "
+            f"{100 * summary['teacher_share_of_deit_step']:.0f}%",
+            flush=True,
+        )
+
+    results_dir = Path(arguments.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/throughput.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
+    record = {
+        "command": command.strip(),
+        "machine": machine(device),
+        "repeats": arguments.repeats,
+        "steps": arguments.steps,
+        "results": results,
+    }
+    (results_dir / f"{arguments.name}.json").write_text(json.dumps(record, indent=1))
+    text = (
+        f"- Command: `{record['command']}`\n- Machine: {record['machine']}\n"
+        f"- {arguments.repeats} interleaved repetitions of {arguments.steps} steps per method; "
+        "median images/s (min–max over repetitions)\n\n" + table(results) + "\n"
+    )
+    write_report(results_dir / f"{arguments.name}.md", text)
+    print(text, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""The benchmarks' --quick modes run end to end and write their results, report and plot."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def one_thread():
+    """The scripts' --threads 1 changes the process-wide setting: put it back afterwards."""
+    threads = torch.get_num_threads()
+    yield ["--threads", "1"]
+    torch.set_num_threads(threads)
+
+
+def test_fashion_mnist_quick_writes_every_variant_and_resumes(tmp_path, one_thread):
+    script = load_script("fashion_mnist")
+    arguments = ["--quick", "--output-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path)]
+    assert script.main([*arguments, *one_thread]) == 0
+
+    results = json.loads((tmp_path / "fashion_mnist_quick.json").read_text())
+    expected = {"teacher"} | {f"{label.replace('/', '-')}-seed0" for label in script.VARIANTS}
+    assert set(results["runs"]) == expected
+    for key, entry in results["runs"].items():
+        rules = ("cls",) if key == "teacher" else script.RULES
+        assert set(entry["final"]) == set(rules)
+        assert all(0.0 <= entry["final"][rule]["top1"] <= 100.0 for rule in rules)
+        assert [point["epoch"] for point in entry["curve"]] == [1]
+    report = (tmp_path / "fashion_mnist_quick.md").read_text()
+    for label in script.VARIANTS:
+        assert f"| {label} | 1 |" in report
+    assert (tmp_path / "fashion_mnist_quick.png").read_bytes()[:4] == b"\x89PNG"
+
+    # A second start finds every run finished and trains nothing: the results stay as they were.
+    (tmp_path / "fashion_mnist_quick.md").write_text(
+        report.replace("# Fashion", "# Kept\n# Fashion")
+    )
+    assert script.main([*arguments, *one_thread]) == 0
+    assert json.loads((tmp_path / "fashion_mnist_quick.json").read_text()) == results
+    assert (tmp_path / "fashion_mnist_quick.md").read_text().startswith("# Kept\n")
+
+
+def test_throughput_quick_times_every_method(tmp_path, one_thread):
+    script = load_script("throughput")
+    assert script.main(["--quick", "--results-dir", str(tmp_path), *one_thread]) == 0
+
+    record = json.loads((tmp_path / "throughput.json").read_text())
+    (result,) = record["results"]
+    assert result["pair"] == "fashion_mnist"
+    for method in ("none", "deit", "cskd", "teacher"):
+        times = result["seconds_per_step"][method]
+        assert len(times) == record["repeats"] and all(t > 0 for t in times)
+    report = (tmp_path / "throughput.md").read_text()
+    assert "| fashion_mnist | 8 |" in report and record["command"] in report
