@@ -2,6 +2,9 @@
 
 import sys
 
+from torch.distributed.elastic.multiprocessing.errors import record
+
 from .cli import main
 
-sys.exit(main())
+# record: under torchrun, an uncaught error's traceback goes into torchrun's failure summary
+sys.exit(record(main)())

@@ -1,23 +1,27 @@
 """The ``cskd`` command: a thin table onto :mod:`cskd.train` and :mod:`cskd.demo`.
 
 Errors a user can fix (bad config, missing data, unreadable checkpoint, impossible grid) are
-printed as one line on stderr with exit status 2; anything else keeps its traceback.
+printed as one line on stderr with exit status 2; anything else keeps its traceback. Under
+torchrun the line names the rank, and only rank 0 prints results.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .align import GridError
 from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
 from .data import DataError
+from .distributed import DistributedError
 from .engine import NonFiniteLossError
 from .models import TeacherError
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TeacherError, GridError, NonFiniteLossError)
+USER_ERRORS += (DistributedError,)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,18 +51,26 @@ def main(argv: list[str] | None = None) -> int:
             from .train import evaluate_checkpoint
 
             config = load_config(args.config, args.overrides) if args.config else None
-            print(json.dumps(evaluate_checkpoint(config, args.checkpoint), indent=2))
+            metrics = evaluate_checkpoint(config, args.checkpoint)
+            if _rank() == 0:
+                print(json.dumps(metrics, indent=2))
         elif args.command == "demo":
             from .demo import run_demo
 
             run_demo(output_dir=args.output_dir, quick=args.quick)
     except USER_ERRORS as error:
-        print(f"cskd {args.command}: error: {error}", file=sys.stderr)
+        where = f" (rank {_rank()})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"cskd {args.command}: error{where}: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cskd {args.command}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _rank() -> int:
+    """The global rank torchrun gave this process (0 without torchrun)."""
+    return int(os.environ.get("RANK", "0"))
 
 
 if __name__ == "__main__":

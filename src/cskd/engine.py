@@ -151,11 +151,14 @@ class Trainer:
         images, targets = self.prepare(batch)
         with self.autocast():
             loss, parts = self.distiller(images, targets, progress)
-        if not math.isfinite(loss.item()):
+        # summed over ranks: a non-finite loss on any rank stops every rank at this same step
+        if not math.isfinite(all_reduce_sum(loss.detach().float().reshape(1).clone()).item()):
             shown = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
+            where = "" if not math.isfinite(loss.item()) else " (on another rank)"
             raise NonFiniteLossError(
-                f"non-finite loss at epoch {state.epoch} step {state.global_step}: {shown}; the "
-                "last checkpoint is untouched (lower optim.lr, set optim.clip_grad, or use bf16)"
+                f"non-finite loss{where} at epoch {state.epoch} step {state.global_step}: "
+                f"{shown}; the last checkpoint is untouched (lower optim.lr, set optim.clip_grad, "
+                "or use bf16)"
             )
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
@@ -174,7 +177,11 @@ class Trainer:
             self.ema.update(_unwrap(self.distiller.student), step=state.global_step)
         state.step_in_epoch += 1
         state.global_step += 1
-        self.scheduler.step_update(num_updates=state.global_step)
+        # the schedule's position in this run's steps (global_step also counts the steps of a
+        # resumed run that used another global batch)
+        self.scheduler.step_update(
+            num_updates=state.epoch * self.steps_per_epoch + state.step_in_epoch
+        )
         parts["progress"] = progress
         parts.setdefault("local_weight", local_weight(progress, self.schedule))
         return parts

@@ -63,8 +63,13 @@ class EpochSampler(Sampler):
     """Yields ``(index, seed)`` for one rank's share of an epoch, from position ``start`` on.
 
     ``repeats > 1`` uses timm's repeated-augmentation sampler (each image appears ``repeats``
-    times per epoch, on different ranks, and an epoch still covers about one dataset's worth of
-    samples per rank). Otherwise a shuffled ``DistributedSampler``, which also serves one process.
+    times in a row of the order, so its copies land on different ranks; an epoch is still about
+    one dataset's worth of samples over all ranks, so about 1 / ``repeats`` of the images).
+    Otherwise a shuffled ``DistributedSampler`` (drop_last), which also serves one process: an
+    epoch covers the dataset once, each rank a disjoint 1 / W of it.
+
+    Both deal one epoch order, which does not depend on the world size, round-robin: rank r takes
+    positions r, r + W, r + 2W, ... (see :func:`resume_step`).
     """
 
     def __init__(
@@ -94,6 +99,17 @@ class EpochSampler(Sampler):
         for position, index in enumerate(self.order):
             if position >= self.start:
                 yield index, sample_seed(self.seed, self.epoch, self.rank, position)
+
+
+def resume_step(step_in_epoch: int, *, saved_global_batch: int, global_batch: int) -> int:
+    """The step of the interrupted epoch to resume at when the global batch has changed.
+
+    After k steps of global batch G, the ranks together have consumed the first k x G positions of
+    the epoch's order, whatever the world size was (the order is shared and dealt round-robin).
+    With global batch G' the epoch resumes at step floor(k x G / G'): no sample of the epoch is
+    skipped, and at most G' - 1 are seen twice.
+    """
+    return step_in_epoch * saved_global_batch // global_batch
 
 
 class ShardSampler(Sampler):

@@ -25,15 +25,21 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
-from . import distributed
-from .checkpoint import CheckpointError, read_file, save_atomic, save_safetensors_atomic
+from . import distributed, preflight
+from .checkpoint import (
+    CheckpointError,
+    read_file,
+    remove_stale_temporaries,
+    save_atomic,
+    save_safetensors_atomic,
+)
 from .config import Config, ConfigError, dump_config, from_dict, to_dict
 from .data import build_datasets
 from .engine import Distiller, Trainer, TrainState, evaluate, normalizer
 from .losses import ObjectiveWeights
 from .models import load_teacher, rules_for, wrap_student
 from .runlog import MetricsWriter, setup_logging, truncate_after
-from .sampling import EpochSampler, eval_loader, train_loader
+from .sampling import EpochSampler, eval_loader, resume_step, sample_seed, train_loader
 
 log = logging.getLogger("cskd")
 CHECKPOINT_KEYS = ("student", "optimizer", "scheduler", "state", "rng", "config")
@@ -55,6 +61,7 @@ def prepare_run_dir(config: Config, *, is_main: bool) -> Path:
         if holds_run and config.train.overwrite and not config.train.resume:
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(run_dir)  # of checkpoint writes a kill interrupted
     return run_dir
 
 
@@ -165,7 +172,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def checkpoint_state(config, student, ema, optimizer, scheduler, scaler, state: TrainState) -> dict:
+def checkpoint_state(
+    config, student, ema, optimizer, scheduler, scaler, state: TrainState, *, global_batch: int
+) -> dict:
     return {
         "student": student.state_dict(),
         "ema": ema.module.state_dict() if ema is not None else None,
@@ -177,8 +186,11 @@ def checkpoint_state(config, student, ema, optimizer, scheduler, scaler, state: 
             "step_in_epoch": state.step_in_epoch,
             "global_step": state.global_step,
             "best_metric": state.best_metric,
+            "epoch_sums": dict(state.epoch_sums),
+            "epoch_steps": state.epoch_steps,
         },
-        "rng": rng_state(),
+        "rng": rng_state(),  # rank 0's
+        "global_batch": global_batch,  # state.step_in_epoch counts steps of this many images
         "config": to_dict(config),
         "teacher": {
             "name": config.teacher.name,
@@ -197,6 +209,12 @@ def read_checkpoint(path: str | Path) -> dict:
             f"{path} is not a complete cskd training checkpoint (missing {', '.join(missing)})"
         )
     return checkpoint
+
+
+def resume_checkpoint(config: Config, run_dir: Path) -> tuple[Path | None, dict | None]:
+    """The checkpoint to resume from (path and contents), or ``(None, None)`` for a fresh run."""
+    source = resume_path(config, run_dir)
+    return source, read_checkpoint(source) if source is not None else None
 
 
 def resume_path(config: Config, run_dir: Path) -> Path | None:
@@ -238,18 +256,26 @@ def train(config: Config) -> dict:
     )
     try:
         with StopRequest() as stop:
-            return _train(config, info, stop)
-    finally:
-        distributed.shutdown()
+            final = _train(config, info, stop)
+    except Exception as error:
+        if info.enabled:  # torchrun interleaves the ranks' output: say which rank this is
+            log.error(
+                f"rank {info.rank} of {info.world_size} failed: {type(error).__name__}: {error}",
+                extra={"all_ranks": True},
+            )
+        raise  # the process exits; torchrun then stops the other ranks
+    distributed.shutdown()
+    return final
 
 
 def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest) -> dict:
-    run_dir = prepare_run_dir(config, is_main=info.is_main)
+    run_dir = distributed.together(prepare_run_dir, config, is_main=info.is_main)
     setup_logging(rank=info.rank, log_file=run_dir / "train.log")
     device = info.device
-    seed_everything(config.train.seed + info.rank)
+    seed_everything(config.train.seed)  # the same initial weights (and EMA) on every rank
 
-    train_set, val_set = build_datasets(config.data, config.augment)
+    distributed.together(preflight.check_data_source, config.data)
+    train_set, val_set = distributed.together(build_datasets, config.data, config.augment)
     sampler = EpochSampler(
         train_set,
         seed=config.train.seed,
@@ -275,13 +301,14 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
     )
 
     student = build_student(config).to(device)
-    teacher = build_teacher(config)
+    teacher = distributed.together(build_teacher, config)
     if teacher is not None:
         teacher = teacher.to(device)
     if config.train.channels_last:
         student = student.to(memory_format=torch.channels_last)
         teacher = teacher.to(memory_format=torch.channels_last) if teacher is not None else None
     ema = ModelEmaV3(student, decay=config.train.ema_decay) if config.train.ema else None
+    seed_everything(config.train.seed + info.rank)  # each rank its own dropout, Mixup, erasing
 
     global_batch = batch_size * info.world_size
     lr = scaled_lr(config, global_batch)
@@ -316,40 +343,71 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
     distiller = Distiller(
         trained, teacher, weights, student_norm=student_norm, teacher_norm=teacher_norm
     ).to(device)
+    distributed.together(
+        preflight.check_run,
+        config,
+        student=student,
+        teacher=teacher,
+        train_set=train_set,
+        val_set=val_set,
+        device=device,
+        student_norm=student_norm,
+        teacher_norm=teacher_norm,
+        is_main=info.is_main,
+    )
 
     state = TrainState()
-    source = resume_path(config, run_dir)
-    if source is not None:
-        checkpoint = read_checkpoint(source)
+    source, checkpoint = distributed.together(resume_checkpoint, config, run_dir)
+    if checkpoint is not None:
+        preflight.check_resume(checkpoint, path=source, config=config, student=student, ema=ema)
         student.load_state_dict(checkpoint["student"])
         if ema is not None and checkpoint.get("ema") is not None:
             ema.module.load_state_dict(checkpoint["ema"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
         if scaler is not None and checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])
         state = TrainState(**checkpoint["state"])
-        if state.step_in_epoch >= steps_per_epoch:
-            state.epoch, state.step_in_epoch = state.epoch + 1, 0
+        saved_batch = checkpoint.get("global_batch", global_batch)
+        if saved_batch == global_batch:
+            scheduler.load_state_dict(checkpoint["scheduler"])
+        else:  # another world size or batch: the schedule is rebuilt, the epoch's images kept
+            state.step_in_epoch = resume_step(
+                state.step_in_epoch, saved_global_batch=saved_batch, global_batch=global_batch
+            )
+            log.info(
+                f"global batch {saved_batch} -> {global_batch}: epoch {state.epoch} resumes at "
+                f"step {state.step_in_epoch} of {steps_per_epoch}"
+            )
         set_rng_state(checkpoint["rng"])
-        if info.is_main:
-            truncate_after(run_dir / "metrics.jsonl", state.global_step)
+        if info.rank:  # the checkpoint holds rank 0's random streams; the others start new ones
+            seed_everything(sample_seed(config.train.seed, state.global_step, info.rank, 2**32 - 2))
+        scheduler.step_update(num_updates=state.epoch * steps_per_epoch + state.step_in_epoch)
         log.info(f"resumed from {source} at epoch {state.epoch} step {state.global_step}")
+    if info.is_main:  # drop what a killed run logged after its last checkpoint (all, if none)
+        truncate_after(run_dir / "metrics.jsonl", state.global_step)
 
+    distributed.check_same(
+        state.global_step,
+        what="the step to resume from",
+        fix="every rank must read the same train.output_dir/last.pt (a filesystem all nodes share)",
+    )
     metrics_writer = MetricsWriter(run_dir, enabled=info.is_main)
     if info.is_main:
         (run_dir / "config.yaml").write_text(dump_config(config))
     log.info(
         f"{config.distill.method} | student {config.student.name} | teacher "
         f"{config.teacher.name if teacher is not None else '-'} | {info.world_size} process(es) "
-        f"on {device} | effective batch {global_batch} | lr {lr:.3g} "
+        f"on {device} | effective batch {global_batch} (= {batch_size} x {info.world_size}) | "
+        f"lr {lr:.3g} "
         f"(= {config.optim.lr:g} x {global_batch} / {config.optim.lr_batch_reference}) | "
         f"{steps_per_epoch} steps/epoch x {config.optim.epochs} epochs"
     )
 
     def save(name: str) -> None:
         if info.is_main:
-            blob = checkpoint_state(config, student, ema, optimizer, scheduler, scaler, state)
+            blob = checkpoint_state(
+                config, student, ema, optimizer, scheduler, scaler, state, global_batch=global_batch
+            )
             save_atomic(blob, run_dir / name)
 
     trainer = Trainer(
@@ -371,7 +429,10 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
         log_interval=config.train.log_interval,
         show_progress=info.is_main and sys.stderr.isatty(),
         on_log=metrics_writer.write,
-        should_stop=lambda: stop.requested or 0 < config.train.stop_after_steps <= state.global_step,
+        should_stop=lambda: (  # agreed by all ranks, so that they stop at the same step
+            distributed.any_rank(stop.requested)
+            or 0 < config.train.stop_after_steps <= state.global_step
+        ),
         on_checkpoint=lambda: save("last.pt"),
         checkpoint_interval=config.train.checkpoint_interval,
     )
@@ -409,6 +470,8 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
             metrics_writer.close()
             return final
 
+    if not final:  # resumed after the last epoch (killed while writing the outputs)
+        final = _evaluate_all(student, ema, val_loader, rules, device, student_norm, dtype, config)
     if info.is_main:
         save_safetensors_atomic(student.state_dict(), run_dir / "student.safetensors")
         if ema is not None:
