@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 
 from cskd import distributed
 from cskd.cli import main
-from cskd.config import load_config
+from cskd.config import ConfigError, load_config
 from cskd.data import DataError
 from cskd.engine import Distiller, NonFiniteLossError, Trainer, TrainState, evaluate, normalizer
 from cskd.losses import ObjectiveWeights
@@ -435,3 +435,21 @@ def test_resuming_with_another_world_size_keeps_the_epochs_images(repeats):
     whole_epoch = order(1, 0)
     assert sorted(consumed) == sorted(whole_epoch[: step * 4])
     assert sorted(consumed + order(1, 0, start=step * 4)) == sorted(whole_epoch)
+
+
+# ------------------------------------------------------------------------------ set-up errors
+
+
+def test_device_and_backend_mistakes_are_config_errors(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert distributed.resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="no GPU is visible"):
+        distributed.resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert distributed.resolve_device("cuda", local_rank=3) == torch.device("cuda", 3)
+    with pytest.raises(ConfigError, match="use train.device=cuda"):
+        distributed.resolve_device("cuda:1", local_rank=0, local_world_size=2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="dist_backend=nccl needs GPUs"):
+        distributed.init_distributed(device="cpu", backend="nccl", timeout_s=60)
