@@ -292,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the main methods")
     parser.add_argument("--output-dir", default="runs/benchmarks/fashion_mnist", help="run folders")
     parser.add_argument("--results-dir", default="docs/results", help="JSON, Markdown and PNG")
+    parser.add_argument(
+        "--report-only", action="store_true", help="write the report from the finished runs only"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     arguments = parser.parse_args(argv)
     if arguments.threads:
@@ -310,16 +313,18 @@ def main(argv: list[str] | None = None) -> int:
         student_overrides += [*QUICK_OVERRIDES, *QUICK_TEACHER, *QUICK_STUDENT]
     teacher_dir = output_dir / "teacher"
 
-    run_one(
-        recipe=RECIPES / "teacher.yaml",
-        overrides=teacher_overrides,
-        run_dir=teacher_dir,
-        results=results,
-        key="teacher",
-        path=results_path,
-    )
+    variants = [] if arguments.report_only else plan(1 if arguments.quick else arguments.seeds)
+    if not arguments.report_only:
+        run_one(
+            recipe=RECIPES / "teacher.yaml",
+            overrides=teacher_overrides,
+            run_dir=teacher_dir,
+            results=results,
+            key="teacher",
+            path=results_path,
+        )
     checkpoint = teacher_dir / "student.safetensors"
-    for variant in plan(1 if arguments.quick else arguments.seeds):
+    for variant in variants:
         run_one(
             recipe=RECIPES / "cskd.yaml",
             overrides=[

@@ -68,3 +68,14 @@ def test_throughput_quick_times_every_method(tmp_path, one_thread):
         assert len(times) == record["repeats"] and all(t > 0 for t in times)
     report = (tmp_path / "throughput.md").read_text()
     assert "| fashion_mnist | 8 |" in report and record["command"] in report
+
+
+def test_throughput_profile_shows_pooling_only_in_the_cskd_step(tmp_path, one_thread):
+    script = load_script("throughput")
+    arguments = ["--quick", "--profile", "1", "--results-dir", str(tmp_path), *one_thread]
+    assert script.main(arguments) == 0
+
+    (result,) = json.loads((tmp_path / "throughput_profile.json").read_text())
+    only_cskd = {name for name, _ in result["only_in_cskd_ms"]}
+    assert "aten::avg_pool2d" in only_cskd  # patch tokens pooled to the teacher grid: CSKD only
+    assert result["ms_per_step"]["deit"] > 0 and result["ms_per_step"]["cskd"] > 0
