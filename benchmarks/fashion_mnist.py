@@ -15,6 +15,7 @@ from its ``last.pt``). At the end it writes a Markdown report (the block between
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -96,10 +97,40 @@ def read_results(path: Path) -> dict:
 
 
 def write_results(path: Path, results: dict) -> None:
-    """Write the JSON next to its final name, then rename, so a crash never leaves half a file."""
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(results, indent=1))
-    os.replace(temporary, path)
+    """Merge ``results`` into the file under a lock (several workers may share it), then write
+    it next to its final name and rename, so a crash never leaves half a file."""
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        merged = read_results(path)
+        merged["runs"].update(results["runs"])
+        results["runs"].update(merged["runs"])
+        temporary = path.with_suffix(f".json.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(merged, indent=1))
+        os.replace(temporary, path)
+
+
+def claim(claims: Path, key: str) -> bool:
+    """Claim ``key`` for this process; False if a live process holds it. Lets several workers
+    (start the script more than once) split the runs without training one twice."""
+    claims.mkdir(parents=True, exist_ok=True)
+    path = claims / key
+    for _ in range(2):
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = int(path.read_text())
+                if holder == os.getpid():
+                    return True
+                os.kill(holder, 0)
+                return False  # alive
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                path.unlink(missing_ok=True)  # a stale claim of a process that is gone
+                continue
+        os.write(descriptor, str(os.getpid()).encode())
+        os.close(descriptor)
+        return True
+    return False
 
 
 def epoch_curve(run_dir: Path) -> list[dict]:
@@ -119,11 +150,16 @@ def epoch_curve(run_dir: Path) -> list[dict]:
 
 def run_one(
     *, recipe: Path, overrides: list[str], run_dir: Path, results: dict, key: str, path: Path
-) -> dict:
-    """Train one configuration (resuming a half-finished one) and record it in ``results``."""
+) -> dict | None:
+    """Train one configuration (resuming a half-finished one) and record it in ``results``;
+    None when another worker has claimed it."""
+    results["runs"].update(read_results(path)["runs"])  # what other workers have finished
     if key in results["runs"]:
         print(f"[benchmark] {key}: already finished, skipped", flush=True)
         return results["runs"][key]
+    if not claim(run_dir.parent / "claims", key):
+        print(f"[benchmark] {key}: another worker is training it, skipped", flush=True)
+        return None
     overrides = [*overrides, f"train.output_dir={run_dir}", "train.resume=auto"]
     config = load_config(recipe, overrides)
     print(f"[benchmark] {key}: training ({' '.join(overrides)})", flush=True)
@@ -314,15 +350,15 @@ def main(argv: list[str] | None = None) -> int:
     teacher_dir = output_dir / "teacher"
 
     variants = [] if arguments.report_only else plan(1 if arguments.quick else arguments.seeds)
-    if not arguments.report_only:
-        run_one(
-            recipe=RECIPES / "teacher.yaml",
-            overrides=teacher_overrides,
-            run_dir=teacher_dir,
-            results=results,
-            key="teacher",
-            path=results_path,
-        )
+    while not arguments.report_only and not run_one(
+        recipe=RECIPES / "teacher.yaml",
+        overrides=teacher_overrides,
+        run_dir=teacher_dir,
+        results=results,
+        key="teacher",
+        path=results_path,
+    ):
+        time.sleep(10)  # another worker is training the teacher: wait for it
     checkpoint = teacher_dir / "student.safetensors"
     for variant in variants:
         run_one(
@@ -339,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             path=results_path,
         )
 
+    results["runs"].update(read_results(results_path)["runs"])  # other workers' runs
     command = "python benchmarks/fashion_mnist.py " + " ".join(argv or sys.argv[1:])
     plot(results, results_dir / f"{name}.png")
     write_report(
