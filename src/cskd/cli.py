@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
             run_demo(output_dir=args.output_dir, quick=args.quick)
     except USER_ERRORS as error:
         where = f" (rank {_rank()})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-        print(f"cskd {args.command}: error{where}: {error}", file=sys.stderr)
+        message = " ".join(str(error).split("\n"))  # one line, whatever the error holds
+        print(f"cskd {args.command}: error{where}: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cskd {args.command}: interrupted", file=sys.stderr)

@@ -95,6 +95,10 @@ class TrainState:
     global_step: int = 0
     best_metric: float = -1.0
     history: list = field(default_factory=list)  # per-epoch metric summaries
+    # the epoch's loss parts summed so far, and over how many steps: saved in checkpoints so that
+    # an epoch resumed mid-way reports the same training means as an uninterrupted one
+    epoch_sums: dict = field(default_factory=dict)
+    epoch_steps: int = 0
 
 
 @dataclass
@@ -156,8 +160,8 @@ class Trainer:
             shown = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
             where = "" if not math.isfinite(loss.item()) else " (on another rank)"
             raise NonFiniteLossError(
-                f"non-finite loss{where} at epoch {state.epoch} step {state.global_step}: "
-                f"{shown}; the last checkpoint is untouched (lower optim.lr, set optim.clip_grad, "
+                f"non-finite loss{where} at step {state.global_step + 1} (epoch {state.epoch}): "
+                f"{shown}; the last checkpoint is untouched (lower optim.lr, set optim.clip_grad "
                 "or use bf16)"
             )
         self.optimizer.zero_grad(set_to_none=True)
@@ -189,10 +193,12 @@ class Trainer:
     def train_one_epoch(self, batches: Iterable[dict], state: TrainState) -> dict:
         """Train until the epoch's steps are done (or ``should_stop``); returns mean loss parts."""
         self.distiller.train()
-        sums: dict[str, float] = {}
+        if state.step_in_epoch == 0:
+            state.epoch_sums, state.epoch_steps = {}, 0
+        sums = state.epoch_sums
         count = 0
         start, window_start, window_images = time.perf_counter(), time.perf_counter(), 0
-        remaining = self.steps_per_epoch - state.step_in_epoch
+        remaining = max(self.steps_per_epoch - state.step_in_epoch, 0)
         bar = tqdm(
             total=remaining,
             desc=f"epoch {state.epoch + 1}/{self.epochs}",
@@ -205,6 +211,7 @@ class Trainer:
                 break
             parts = self.step(batch, state)
             count += 1
+            state.epoch_steps += 1
             window_images += batch["image"].shape[0]
             for key, value in parts.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
@@ -231,7 +238,7 @@ class Trainer:
             if self.should_stop():
                 break
         bar.close()
-        means = {key: value / max(count, 1) for key, value in sums.items()}
+        means = {key: value / max(state.epoch_steps, 1) for key, value in sums.items()}
         means["epoch_time_s"] = time.perf_counter() - start
         return means
 

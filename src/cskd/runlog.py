@@ -71,8 +71,10 @@ def _flatten(record: dict, prefix: str = "") -> dict:
     return flat
 
 
-def truncate_after(path: Path, global_step: int) -> None:
-    """Drop records logged after ``global_step`` (a resumed run logs them again)."""
+def truncate_after(path: Path, global_step: int, *, completed_epochs: int | None = None) -> None:
+    """Drop records logged after ``global_step`` (a resumed run logs them again), and epoch
+    records of epochs from ``completed_epochs`` on: a checkpoint saved at an epoch's last step
+    precedes that epoch's evaluation, which the resumed run repeats."""
     if not path.exists():
         return
     kept = []
@@ -81,6 +83,10 @@ def truncate_after(path: Path, global_step: int) -> None:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut by a kill mid-write
-        if record.get("step", 0) <= global_step:
-            kept.append(line)
+        if record.get("step", 0) > global_step:
+            continue
+        if record.get("type") == "epoch" and completed_epochs is not None:
+            if record.get("epoch", 0) >= completed_epochs:
+                continue
+        kept.append(line)
     path.write_text("".join(line + "\n" for line in kept))

@@ -11,6 +11,7 @@ same order and reproduces the same crops, flips and RandAugment choices.
 from __future__ import annotations
 
 import random
+import signal
 from collections.abc import Iterator
 
 import numpy as np
@@ -125,7 +126,15 @@ class ShardSampler(Sampler):
         return iter(self.indices)
 
 
+def _ignore_termination(worker_id: int = 0) -> None:
+    """Loader workers ignore SIGTERM: a scheduler signals the whole process group, and a worker
+    dying would crash the main process before it saves (``train.StopRequest``); the main process
+    ends its workers itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _worker_init(worker_id: int) -> None:
+    _ignore_termination()
     # Samples are seeded one by one; this only keeps stray global RNG use distinct per worker.
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
@@ -167,4 +176,5 @@ def eval_loader(
         num_workers=workers,
         pin_memory=pin_memory,
         drop_last=False,
+        worker_init_fn=_ignore_termination,
     )

@@ -25,8 +25,14 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
-from . import distributed
-from .checkpoint import CheckpointError, read_file, save_atomic, save_safetensors_atomic
+from . import distributed, preflight
+from .checkpoint import (
+    CheckpointError,
+    read_file,
+    remove_stale_temporaries,
+    save_atomic,
+    save_safetensors_atomic,
+)
 from .config import Config, ConfigError, dump_config, from_dict, to_dict
 from .data import build_datasets
 from .engine import Distiller, Trainer, TrainState, evaluate, normalizer
@@ -55,6 +61,7 @@ def prepare_run_dir(config: Config, *, is_main: bool) -> Path:
         if holds_run and config.train.overwrite and not config.train.resume:
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(run_dir)  # of checkpoint writes a kill interrupted
     return run_dir
 
 
@@ -179,6 +186,8 @@ def checkpoint_state(
             "step_in_epoch": state.step_in_epoch,
             "global_step": state.global_step,
             "best_metric": state.best_metric,
+            "epoch_sums": dict(state.epoch_sums),
+            "epoch_steps": state.epoch_steps,
         },
         "rng": rng_state(),  # rank 0's
         "global_batch": global_batch,  # state.step_in_epoch counts steps of this many images
@@ -265,6 +274,7 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
     device = info.device
     seed_everything(config.train.seed)  # the same initial weights (and EMA) on every rank
 
+    distributed.together(preflight.check_data_source, config.data)
     train_set, val_set = distributed.together(build_datasets, config.data, config.augment)
     sampler = EpochSampler(
         train_set,
@@ -333,10 +343,23 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
     distiller = Distiller(
         trained, teacher, weights, student_norm=student_norm, teacher_norm=teacher_norm
     ).to(device)
+    distributed.together(
+        preflight.check_run,
+        config,
+        student=student,
+        teacher=teacher,
+        train_set=train_set,
+        val_set=val_set,
+        device=device,
+        student_norm=student_norm,
+        teacher_norm=teacher_norm,
+        is_main=info.is_main,
+    )
 
     state = TrainState()
     source, checkpoint = distributed.together(resume_checkpoint, config, run_dir)
     if checkpoint is not None:
+        preflight.check_resume(checkpoint, path=source, config=config, student=student, ema=ema)
         student.load_state_dict(checkpoint["student"])
         if ema is not None and checkpoint.get("ema") is not None:
             ema.module.load_state_dict(checkpoint["ema"])
@@ -355,15 +378,13 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
                 f"global batch {saved_batch} -> {global_batch}: epoch {state.epoch} resumes at "
                 f"step {state.step_in_epoch} of {steps_per_epoch}"
             )
-        if state.step_in_epoch >= steps_per_epoch:
-            state.epoch, state.step_in_epoch = state.epoch + 1, 0
         set_rng_state(checkpoint["rng"])
         if info.rank:  # the checkpoint holds rank 0's random streams; the others start new ones
             seed_everything(sample_seed(config.train.seed, state.global_step, info.rank, 2**32 - 2))
         scheduler.step_update(num_updates=state.epoch * steps_per_epoch + state.step_in_epoch)
-        if info.is_main:
-            truncate_after(run_dir / "metrics.jsonl", state.global_step)
         log.info(f"resumed from {source} at epoch {state.epoch} step {state.global_step}")
+    if info.is_main:  # drop what a killed run logged after its last checkpoint (all, if none)
+        truncate_after(run_dir / "metrics.jsonl", state.global_step, completed_epochs=state.epoch)
 
     distributed.check_same(
         state.global_step,
@@ -449,6 +470,8 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
             metrics_writer.close()
             return final
 
+    if not final:  # resumed after the last epoch (killed while writing the outputs)
+        final = _evaluate_all(student, ema, val_loader, rules, device, student_norm, dtype, config)
     if info.is_main:
         save_safetensors_atomic(student.state_dict(), run_dir / "student.safetensors")
         if ema is not None:

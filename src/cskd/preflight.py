@@ -1,0 +1,251 @@
+"""Checks that run before training starts, so that a bad input costs seconds, not a run.
+
+A 300-epoch run should not die at step 10,000 on a corrupt JPEG, nor train for days against a
+teacher that guesses. ``train`` calls :func:`check_data_source` before the datasets are built,
+:func:`check_resume` before a checkpoint is loaded and :func:`check_run` once the models are built,
+all before the first step. Other bad inputs are refused where the thing is built, just as early:
+
+============================================================  ===================================
+bad input                                                     refused by
+============================================================  ===================================
+unknown config key, wrong type, out-of-range value            ``config.load_config``
+output directory holding another run (no resume/overwrite)    ``train.prepare_run_dir``
+missing or empty data directory                               :func:`check_data_source`
+class folders that differ between train and val               ``data.check_class_folders``
+data.num_classes unlike the data's classes                    ``data.build_datasets``
+missing, unreadable or code-carrying checkpoint               ``checkpoint.read_file``
+checkpoint of another architecture or number of classes       ``checkpoint.check_state_fits``
+teacher head that cannot give dense logits (ConvNeXt)         ``models.DenseTeacher``
+student built for another image size                          :func:`check_student_input`
+student grid smaller than the teacher's                       :func:`check_run` (``align``)
+corrupt or truncated image                                    :func:`check_images`
+teacher near chance on a validation slice                     :func:`check_teacher_accuracy` (a
+                                                              warning, not an error)
+============================================================  ===================================
+
+Each raises with a one-line message naming the file, key or numbers and the fix; the CLI prints
+it and exits with status 2.
+
+How much is scanned for corrupt images: every image of a split with at most
+:data:`SCAN_LIMIT` files is fully decoded (in ``data.workers`` threads); a larger split has an
+evenly spaced sample of :data:`SCAN_LIMIT` decoded, which finds systematic damage (a truncated
+copy, a wrong format) in seconds to a minute, and the rest is checked as it is read: the
+dataset raises naming the file, or skips it under ``data.skip_corrupt``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .align import check_grids
+from .checkpoint import check_state_fits
+from .config import Config, ConfigError, DataConfig
+from .data import DataError
+from .models import DenseStudent, DenseTeacher, TeacherError
+
+log = logging.getLogger("cskd")
+
+SCAN_LIMIT = 10_000  # images per split fully decoded by the pre-flight (all of a smaller split)
+TEACHER_SLICE = 256  # validation images the teacher is measured on
+_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def check_data_source(data: DataConfig) -> None:
+    """Refuse a missing or empty ``data.root`` with one line saying what should be there."""
+    if data.dataset == "synthetic" or (data.dataset == "fashion_mnist" and not data.root):
+        return
+    root = Path(data.root)
+    layout = f"{root}/train/<class>/<image> and {root}/val/<class>/<image>"
+    if data.dataset == "fashion_mnist":
+        layout = f"the Fashion-MNIST *-ubyte.gz files in {root}"
+        if data.download:
+            return
+    if not data.root:
+        raise DataError(f"data.dataset={data.dataset} needs data.root: the folder holding {layout}")
+    if not root.exists():
+        raise DataError(
+            f"data.root {root} does not exist: set data.root to the folder holding {layout}"
+        )
+    if not root.is_dir():
+        raise DataError(f"data.root {root} is not a directory: it should hold {layout}")
+    if not any(os.scandir(root)):
+        raise DataError(f"data.root {root} is empty: expected {layout}")
+
+
+def check_resume(
+    checkpoint: dict, *, path: str | os.PathLike, config: Config, student, ema=None
+) -> None:
+    """Refuse a training checkpoint whose student (or EMA) weights do not fit the built model."""
+    what = f"student {config.student.name}"
+    check_state_fits(checkpoint["student"], student, path=path, what=what)
+    if ema is not None and checkpoint.get("ema") is not None:
+        check_state_fits(checkpoint["ema"], ema.module, path=path, what=f"EMA of the {what}")
+
+
+def check_student_input(student: torch.nn.Module, *, image_size: int, name: str) -> None:
+    """Refuse a ViT student built for another input size than ``data.image_size``."""
+    model = getattr(student, "model", student)
+    patch_embed = getattr(model, "patch_embed", None)
+    built = getattr(patch_embed, "img_size", None)
+    if built is None or getattr(model, "dynamic_img_size", False):
+        return
+    if tuple(built) != (image_size, image_size):
+        raise ConfigError(
+            f"student {name} is built for {built[0]}x{built[1]} px images but data.image_size is "
+            f"{image_size}: set student.kwargs.img_size={image_size} (or data.image_size="
+            f"{built[0]})"
+        )
+
+
+def check_images(
+    dataset: Dataset, *, split: str, skip_corrupt: bool, workers: int, limit: int = SCAN_LIMIT
+) -> int:
+    """Decode the split's image files (all, or an evenly spaced ``limit`` of them); raise
+    :class:`DataError` naming the first corrupt one, or, with ``skip_corrupt``, log how many will
+    be skipped. Returns the number found corrupt. In-memory datasets have nothing to scan."""
+    paths = getattr(dataset, "paths", None)
+    if not paths:
+        return 0
+    if len(paths) > limit:
+        paths = [paths[i] for i in torch.linspace(0, len(paths) - 1, limit).long().tolist()]
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        reasons = list(pool.map(_decode_error, paths))
+    corrupt = [(path, reason) for path, reason in zip(paths, reasons) if reason is not None]
+    checked = f"{len(paths)} {split} images checked"
+    if corrupt and not skip_corrupt:
+        path, reason = corrupt[0]
+        others = f" ({len(corrupt)} of the {checked} are unreadable)" if len(corrupt) > 1 else ""
+        raise DataError(
+            f"corrupt or truncated image {path} ({reason}){others}: delete or replace it, or set "
+            "data.skip_corrupt=true to skip unreadable images"
+        )
+    if corrupt:
+        log.warning(
+            f"pre-flight: {len(corrupt)} corrupt image(s) of the {checked} will be skipped "
+            f"(data.skip_corrupt=true), e.g. {corrupt[0][0]}"
+        )
+    else:
+        log.info(f"pre-flight: {checked}, none corrupt")
+    return len(corrupt)
+
+
+def _decode_error(path: str) -> str | None:
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except _IMAGE_ERRORS as error:
+        return str(error).replace("\n", " ") or type(error).__name__
+    return None
+
+
+def teacher_inputs(
+    images: torch.Tensor,
+    *,
+    student_norm: tuple[torch.Tensor, torch.Tensor],
+    teacher_norm: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """Images in [0, 1] (N, C, S, S) as the teacher sees them in training (see ``Distiller``)."""
+    (mean_s, std_s), (mean_t, std_t) = student_norm, teacher_norm
+    return (images - mean_s) / std_s * (std_s / std_t) + (mean_s - mean_t) / std_t
+
+
+def chance_threshold(num_classes: int) -> float:
+    """Top-1 (percent) below which a teacher counts as near chance: twice chance, or halfway from
+    chance to 100% when that is lower (two or three classes)."""
+    chance = 100.0 / num_classes
+    return min(2 * chance, (100.0 + chance) / 2)
+
+
+@torch.no_grad()
+def check_teacher_accuracy(
+    teacher: DenseTeacher,
+    val_set: Dataset,
+    *,
+    num_classes: int,
+    batch_size: int,
+    device: torch.device,
+    student_norm: tuple[torch.Tensor, torch.Tensor],
+    teacher_norm: tuple[torch.Tensor, torch.Tensor],
+    limit: int = TEACHER_SLICE,
+) -> float:
+    """The teacher's top-1 (percent) on up to ``limit`` evenly spaced validation images, logged;
+    a warning when it is near chance (:func:`chance_threshold`), the commonest silent failure
+    of distillation (wrong checkpoint, normalisation or class order)."""
+    count = min(limit, len(val_set))
+    indices = torch.linspace(0, len(val_set) - 1, count).round().long().unique().tolist()
+    loader = DataLoader(Subset(val_set, indices), batch_size=batch_size, shuffle=False)
+    correct = seen = 0
+    for batch in loader:
+        images = teacher_inputs(
+            batch["image"].to(device), student_norm=student_norm, teacher_norm=teacher_norm
+        )
+        predicted = teacher(images).global_logits.argmax(dim=1).cpu()  # (N,)
+        correct += int((predicted == batch["target"]).sum())
+        seen += len(predicted)
+    top1 = 100.0 * correct / max(seen, 1)
+    chance = 100.0 / num_classes
+    measured = f"teacher {teacher.name} top-1 {top1:.1f}% on {seen} validation images"
+    if top1 < chance_threshold(num_classes):
+        log.warning(
+            f"pre-flight: {measured}, near chance ({chance:.1f}%): it would teach noise - check "
+            "teacher.checkpoint, teacher.mean/std and that its classes are in the data's order"
+        )
+    else:
+        log.info(f"pre-flight: {measured} (chance {chance:.1f}%)")
+    return top1
+
+
+def check_run(
+    config: Config,
+    *,
+    student: torch.nn.Module,
+    teacher: DenseTeacher | None,
+    train_set: Dataset,
+    val_set: Dataset,
+    device: torch.device,
+    student_norm: tuple[torch.Tensor, torch.Tensor],
+    teacher_norm: tuple[torch.Tensor, torch.Tensor],
+    is_main: bool = True,
+) -> None:
+    """The checks that need the built datasets and models, cheapest first. Only the main process
+    scans images and runs the teacher (call it on every rank through ``distributed.together``)."""
+    check_student_input(student, image_size=config.data.image_size, name=config.student.name)
+    if not is_main:
+        return
+    if teacher is not None:
+        if teacher.num_classes != config.data.num_classes:
+            raise TeacherError(
+                f"teacher {teacher.name} predicts {teacher.num_classes} classes but "
+                f"data.num_classes is {config.data.num_classes}: use a teacher trained on the "
+                "data's classes"
+            )
+        if config.distill.method == "cskd" and isinstance(student, DenseStudent):
+            size = config.data.image_size
+            blank = torch.zeros(1, config.data.in_chans, size, size, device=device)
+            images = teacher_inputs(blank, student_norm=student_norm, teacher_norm=teacher_norm)
+            teacher_grid = tuple(teacher(images).dense_logits.shape[-2:])
+            check_grids(student.grid_size, teacher_grid)
+    for split, dataset in (("train", train_set), ("val", val_set)):
+        check_images(
+            dataset,
+            split=split,
+            skip_corrupt=config.data.skip_corrupt,
+            workers=config.data.workers,
+        )
+    if teacher is not None:
+        check_teacher_accuracy(
+            teacher,
+            val_set,
+            num_classes=config.data.num_classes,
+            batch_size=config.data.eval_batch_size or 2 * config.data.batch_size,
+            device=device,
+            student_norm=student_norm,
+            teacher_norm=teacher_norm,
+        )
