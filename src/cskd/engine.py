@@ -8,6 +8,7 @@ std. ``Trainer`` runs the optimisation steps; ``evaluate`` measures top-1/top-5 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import sys
@@ -206,9 +207,7 @@ class Trainer:
             file=sys.stderr,
             dynamic_ncols=True,
         )
-        for batch in batches:
-            if state.step_in_epoch >= self.steps_per_epoch:
-                break
+        for batch in itertools.islice(batches, remaining):
             parts = self.step(batch, state)
             count += 1
             state.epoch_steps += 1
@@ -231,7 +230,17 @@ class Trainer:
                 }
                 window_start, window_images = now, 0
                 self.on_log(record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
+                speed = f"{record['images_per_s']:.0f}"
+                bar.set_postfix(
+                    loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", img_s=speed, refresh=False
+                )
+                if not self.show_progress:  # not a terminal: one line per log interval
+                    eta = (now - start) / count * (remaining - count)
+                    log.info(
+                        f"epoch {state.epoch + 1}/{self.epochs} step {state.step_in_epoch}/"
+                        f"{self.steps_per_epoch} loss {record['loss']:.4f} lr {lr:.3g} "
+                        f"{speed} img/s eta {eta:.0f}s"
+                    )
             bar.update(1)
             if self.checkpoint_interval and state.global_step % self.checkpoint_interval == 0:
                 self.on_checkpoint()
@@ -274,9 +283,7 @@ def evaluate(
         if amp_dtype is not None
         else contextlib.nullcontext()
     )
-    for index, batch in enumerate(loader):
-        if max_batches and index >= max_batches:
-            break
+    for batch in itertools.islice(loader, max_batches or None):
         images = (batch["image"].to(device, non_blocking=True) - mean) / std
         targets = batch["target"].to(device, non_blocking=True)
         with autocast:
