@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import timm
 import torch
-import pytest
 
 TINY_TEACHER = {"channels": [8, 16, 32, 64], "output_stride": 8}
 TINY_STUDENT = {"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}

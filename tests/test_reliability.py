@@ -266,14 +266,16 @@ def test_sigkill_at_any_moment_then_resume_ends_exactly_like_the_uninterrupted_r
     assert_same_run(run_dir, reference)
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_sigterm_saves_at_the_next_step_boundary_exits_0_and_resume_continues(
-    tmp_path, teacher_checkpoint, reference
+    tmp_path, teacher_checkpoint, reference, signum
 ):
     run_dir = tmp_path / "run"
-    # one loader worker: SIGTERM goes to the whole process group, as a scheduler sends it
+    # one loader worker: the signal goes to the whole process group, as a scheduler (or a
+    # terminal's Ctrl-C) sends it
     process = start(run_dir, teacher_checkpoint, slow=0.3, **{"data.workers": 1})
     wait_for_step(run_dir, 2, process)
-    os.killpg(process.pid, signal.SIGTERM)
+    os.killpg(process.pid, signum)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 0, err
     assert "stop requested: saved" in err

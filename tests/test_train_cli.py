@@ -55,6 +55,11 @@ def test_train_writes_every_output_and_eval_reproduces_the_last_epoch(tmp_path, 
         assert evaluated["ema"][rule] == logged["ema"][rule], rule
     assert evaluated["images"] == logged["images"] == 8
 
+    # overrides apply to the checkpoint's own config
+    overrides = ["data.eval_batch_size=3", "train.eval_max_batches=1"]
+    assert main(["eval", "--checkpoint", str(run_dir / "last.pt"), *overrides]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 3
+
 
 def test_resume_continues_with_the_same_losses_as_the_uninterrupted_run(
     tmp_path, teacher_checkpoint

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval":
             from .train import evaluate_checkpoint
 
-            config = load_config(args.config, args.overrides) if args.config else None
+            config = load_config(args.config, args.overrides) if args.config else args.overrides
             metrics = evaluate_checkpoint(config, args.checkpoint)
             if _rank() == 0:
                 print(json.dumps(metrics, indent=2))

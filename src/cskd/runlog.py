@@ -35,14 +35,19 @@ def setup_logging(*, rank: int, log_file: Path | None = None) -> None:
 class MetricsWriter:
     """Appends one JSON object per record to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
 
-    def __init__(self, run_dir: Path, *, enabled: bool) -> None:
+    def __init__(self, run_dir: Path, *, enabled: bool, resume_step: int = 0) -> None:
+        """``resume_step``: the checkpoint's step; TensorBoard events logged after it by a killed
+        run are purged, as ``metrics.jsonl`` records are."""
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.tensorboard = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self.tensorboard = SummaryWriter(
+                log_dir=str(run_dir / "tensorboard"),
+                purge_step=resume_step + 1 if resume_step else None,
+            )
 
     def write(self, record: dict) -> None:
         if not self.enabled:

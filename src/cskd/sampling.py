@@ -127,10 +127,11 @@ class ShardSampler(Sampler):
 
 
 def _ignore_termination(worker_id: int = 0) -> None:
-    """Loader workers ignore SIGTERM: a scheduler signals the whole process group, and a worker
-    dying would crash the main process before it saves (``train.StopRequest``); the main process
-    ends its workers itself."""
+    """Loader workers ignore SIGTERM and Ctrl-C: a scheduler (or the terminal) signals the whole
+    process group, and a worker dying would crash the main process before it saves
+    (``train.StopRequest``); the main process ends its workers itself."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _worker_init(worker_id: int) -> None:

@@ -33,7 +33,7 @@ from .checkpoint import (
     save_atomic,
     save_safetensors_atomic,
 )
-from .config import Config, ConfigError, dump_config, from_dict, to_dict
+from .config import Config, ConfigError, apply_overrides, dump_config, from_dict, to_dict
 from .data import build_datasets
 from .engine import Distiller, Trainer, TrainState, evaluate, normalizer
 from .losses import ObjectiveWeights
@@ -230,21 +230,28 @@ def resume_path(config: Config, run_dir: Path) -> Path | None:
 
 
 class StopRequest:
-    """Turns SIGTERM (what cluster schedulers send first) into a save at the next step boundary."""
+    """Turns SIGTERM (what cluster schedulers send first) and a first Ctrl-C into a save at the
+    next step boundary; a second Ctrl-C interrupts at once."""
 
     def __init__(self) -> None:
         self.requested = False
-        self.previous = None
+        self.previous: dict = {}
 
     def __enter__(self) -> StopRequest:
-        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self.previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.requested:
+            raise KeyboardInterrupt
+        if signum == signal.SIGINT:
+            log.info("Ctrl-C: saving last.pt at the next step boundary (again to stop at once)")
         self.requested = True
 
     def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGTERM, self.previous)
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 def train(config: Config) -> dict:
@@ -391,7 +398,7 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
         what="the step to resume from",
         fix="every rank must read the same train.output_dir/last.pt (a filesystem all nodes share)",
     )
-    metrics_writer = MetricsWriter(run_dir, enabled=info.is_main)
+    metrics_writer = MetricsWriter(run_dir, enabled=info.is_main, resume_step=state.global_step)
     if info.is_main:
         (run_dir / "config.yaml").write_text(dump_config(config))
     log.info(
@@ -515,10 +522,14 @@ def _summary(epoch: int, epochs: int, train_means: dict, metrics: dict) -> str:
     )
 
 
-def evaluate_checkpoint(config: Config | None, checkpoint_path: str | Path) -> dict:
-    """Metrics of a saved checkpoint for every rule (and its EMA weights, when saved)."""
+def evaluate_checkpoint(config: Config | list[str] | None, checkpoint_path: str | Path) -> dict:
+    """Metrics of a saved checkpoint for every rule (and its EMA weights, when saved).
+
+    ``config``: a Config, or ``key=value`` overrides of the config saved in the checkpoint.
+    """
     checkpoint = read_checkpoint(checkpoint_path)
-    config = config or from_dict(checkpoint["config"])
+    if config is None or isinstance(config, list):  # the checkpoint's config, plus overrides
+        config = from_dict(apply_overrides(checkpoint["config"], config or []))
     info = distributed.init_distributed(
         device=config.train.device,
         backend=config.train.dist_backend,
