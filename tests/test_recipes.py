@@ -15,6 +15,7 @@ import timm
 import torch
 
 from cskd.config import ConfigError, get_value, load_config, to_dict
+from cskd.engine import Distiller
 from cskd.models import DenseStudent, DenseTeacher
 from cskd.train import build_student, build_teacher, read_checkpoint, scaled_lr, train
 
@@ -249,12 +250,22 @@ def test_imagenet_recipe_trains_two_steps_at_224_px(name, tmp_path, tiny_teacher
     _, method, schedule, _, _, _ = RUNS[name]
     assert (config.student.name, config.data.image_size) == (RUNS[name][0], 224)
 
-    teacher_maps, student_grids = [], []
+    teacher_maps, student_grids, in_step = [], [], []
     teacher_forward, student_forward = DenseTeacher.forward, DenseStudent.forward
+    distiller_forward = Distiller.forward
+
+    def spy_distiller(self, *args, **kwargs):  # only teacher calls of training steps count
+        in_step.append(True)
+        try:
+            return distiller_forward(self, *args, **kwargs)
+        finally:
+            in_step.pop()
 
     def spy_teacher(self, images):
         output = teacher_forward(self, images)
-        teacher_maps.append((tuple(images.shape[-2:]), tuple(output.dense_logits.shape[-2:])))
+        if in_step:
+            maps = (tuple(images.shape[-2:]), tuple(output.dense_logits.shape[-2:]))
+            teacher_maps.append(maps)
         return output
 
     def spy_student(self, images, **kwargs):
@@ -262,6 +273,7 @@ def test_imagenet_recipe_trains_two_steps_at_224_px(name, tmp_path, tiny_teacher
         student_grids.append((self._grid_for(images), kwargs.get("output_grid")))
         return output
 
+    monkeypatch.setattr(Distiller, "forward", spy_distiller)
     monkeypatch.setattr(DenseTeacher, "forward", spy_teacher)
     monkeypatch.setattr(DenseStudent, "forward", spy_student)
     final = train(config)
