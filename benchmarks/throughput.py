@@ -31,12 +31,13 @@ import torch
 
 from cskd.align import align_to_grid
 from cskd.config import Config, load_config
-from cskd.engine import Distiller, Trainer, TrainState, normalizer
-from cskd.losses import ObjectiveWeights, cskd_loss
+from cskd.engine import Trainer, TrainState, normalizer
+from cskd.losses import cskd_loss
 from cskd.models import DenseTeacher
 from cskd.train import (
     amp_dtype,
     build_batch_augmentation,
+    build_distiller,
     build_optimization,
     build_student,
     scaled_lr,
@@ -120,25 +121,10 @@ def build_trainer(
     optimizer, scheduler = build_optimization(config, student, lr=lr, steps_per_epoch=10_000)
     erasing, mixup = build_batch_augmentation(config, device)
     student_norm = normalizer(config.data.mean, config.data.std, device)
-    teacher_norm = normalizer(config.teacher.mean, config.teacher.std, device)
     trained = torch.compile(student) if config.train.compile else student
-    weights = ObjectiveWeights(
-        method=method,
-        alpha=config.distill.alpha,
-        cskd_weight=config.distill.cskd_weight,
-        token_kind=config.distill.token_kind,
-        cskd_kind=config.distill.cskd_kind,
-        schedule=config.distill.schedule,
-        tau=config.distill.tau,
-        label_smoothing=0.0 if mixup is not None else config.augment.label_smoothing,
+    distiller = build_distiller(
+        config, trained, teacher, device=device, mixup=mixup is not None, method=method
     )
-    distiller = Distiller(
-        trained,
-        teacher if method != "none" else None,
-        weights,
-        student_norm=student_norm,
-        teacher_norm=teacher_norm,
-    ).to(device)
     distiller.train()
     trainer = Trainer(
         distiller=distiller,

@@ -37,7 +37,7 @@ from .config import Config, ConfigError, apply_overrides, dump_config, from_dict
 from .data import build_datasets
 from .engine import Distiller, Trainer, TrainState, evaluate, normalizer
 from .losses import ObjectiveWeights
-from .models import load_teacher, rules_for, wrap_student
+from .models import DenseTeacher, load_teacher, rules_for, wrap_student
 from .runlog import MetricsWriter, setup_logging, truncate_after
 from .sampling import EpochSampler, eval_loader, resume_step, sample_seed, train_loader
 
@@ -133,6 +133,37 @@ def build_batch_augmentation(config: Config, device: torch.device):
             num_classes=config.data.num_classes,
         )
     return erasing, mixup
+
+
+def build_distiller(
+    config: Config,
+    student: torch.nn.Module,
+    teacher: DenseTeacher | None,
+    *,
+    device: torch.device,
+    mixup: bool,
+    method: str | None = None,
+) -> Distiller:
+    """Student (possibly DDP-wrapped) + teacher + the objective of ``distill``; ``method``
+    overrides ``distill.method``. With Mixup the targets already carry the label smoothing."""
+    method = method or config.distill.method
+    weights = ObjectiveWeights(
+        method=method,
+        alpha=config.distill.alpha,
+        cskd_weight=config.distill.cskd_weight,
+        token_kind=config.distill.token_kind,
+        cskd_kind=config.distill.cskd_kind,
+        schedule=config.distill.schedule,
+        tau=config.distill.tau,
+        label_smoothing=0.0 if mixup else config.augment.label_smoothing,
+    )
+    return Distiller(
+        student,
+        teacher if method != "none" else None,
+        weights,
+        student_norm=normalizer(config.data.mean, config.data.std, device),
+        teacher_norm=normalizer(config.teacher.mean, config.teacher.std, device),
+    ).to(device)
 
 
 def amp_dtype(config: Config, device: torch.device) -> torch.dtype | None:
@@ -337,19 +368,7 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
         )
     if config.train.compile:
         trained = torch.compile(trained)
-    weights = ObjectiveWeights(
-        method=config.distill.method,
-        alpha=config.distill.alpha,
-        cskd_weight=config.distill.cskd_weight,
-        token_kind=config.distill.token_kind,
-        cskd_kind=config.distill.cskd_kind,
-        schedule=config.distill.schedule,
-        tau=config.distill.tau,
-        label_smoothing=0.0 if mixup is not None else config.augment.label_smoothing,
-    )
-    distiller = Distiller(
-        trained, teacher, weights, student_norm=student_norm, teacher_norm=teacher_norm
-    ).to(device)
+    distiller = build_distiller(config, trained, teacher, device=device, mixup=mixup is not None)
     distributed.together(
         preflight.check_run,
         config,
