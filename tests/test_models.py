@@ -176,3 +176,16 @@ def test_inference_rules():
     torch.testing.assert_close(combine_heads(out, "cls+dist+patch"), torch.tensor([[2.0, 1.0]]))
     with pytest.raises(ValueError, match="unknown inference rule"):
         combine_heads(out, "mean")
+
+
+def test_predict_applies_the_named_inference_rule():
+    torch.manual_seed(0)
+    kwargs = dict(pretrained=False, num_classes=5, img_size=32, patch_size=8, **TINY_VIT)
+    model = timm.create_model(STUDENTS[0], **kwargs).eval()
+    images = torch.randn(2, 3, 32, 32)
+    for rule in ["cls", "cls+dist", "cls+dist+patch"]:
+        student = DenseStudent(model, inference_rule=rule)
+        expected = combine_heads(student(images), rule)
+        torch.testing.assert_close(student.predict(images), expected, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="unknown inference rule"):
+        DenseStudent(model, inference_rule="all")

@@ -137,10 +137,16 @@ class DenseStudent(nn.Module):
     """A timm ViT that returns :class:`StudentOutput` in train and eval mode alike.
 
     Its ``state_dict`` is the wrapped timm model's, so it loads into ``timm.create_model(name)``.
+    ``inference_rule`` names how :meth:`predict` combines the heads (see :func:`combine_heads`).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, inference_rule: str = "cls+dist+patch") -> None:
         super().__init__()
+        if inference_rule not in INFERENCE_RULES:
+            raise ValueError(
+                f"unknown inference rule {inference_rule!r}: choose one of {INFERENCE_RULES}"
+            )
+        self.inference_rule = inference_rule
         if not hasattr(model, "patch_embed") or not hasattr(model, "num_prefix_tokens"):
             raise TypeError(
                 f"{type(model).__name__} is not a timm Vision Transformer "
@@ -207,6 +213,11 @@ class DenseStudent(nn.Module):
         patch_logits = self.patch_head(model.head_drop(patches))  # (N, M or H*W, K)
         return StudentOutput(cls_logits, dist_logits, patch_logits, grid)
 
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Inference logits (N, K) under ``inference_rule``; the patch head sees the mean token."""
+        return combine_heads(self(images, output_grid=(1, 1)), self.inference_rule)
+
 
 def combine_heads(output: StudentOutput, rule: str = "cls+dist+patch") -> torch.Tensor:
     """Inference logits (N, K) under a named rule.
@@ -249,10 +260,12 @@ class PlainClassifier(nn.Module):
         return StudentOutput(self.model(images), None, None, (1, 1))
 
 
-def wrap_student(model: nn.Module) -> DenseStudent | PlainClassifier:
+def wrap_student(
+    model: nn.Module, *, inference_rule: str = "cls+dist+patch"
+) -> DenseStudent | PlainClassifier:
     """A ViT becomes a :class:`DenseStudent`; any other classifier a :class:`PlainClassifier`."""
     if hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens"):
-        return DenseStudent(model)
+        return DenseStudent(model, inference_rule=inference_rule)
     return PlainClassifier(model)
 
 

@@ -74,7 +74,7 @@ def build_student(config: Config) -> torch.nn.Module:
         in_chans=config.data.in_chans,
         **kwargs,
     )
-    return wrap_student(model)
+    return wrap_student(model, inference_rule=config.student.inference_rule)
 
 
 def build_teacher(config: Config):
