@@ -99,14 +99,17 @@ def read_results(path: Path) -> dict:
 def write_results(path: Path, results: dict) -> None:
     """Merge ``results`` into the file under a lock (several workers may share it), then write
     it next to its final name and rename, so a crash never leaves half a file."""
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    directory = os.open(path.parent, os.O_RDONLY)  # the lock: the folder itself, no stray file
+    try:
+        fcntl.flock(directory, fcntl.LOCK_EX)
         merged = read_results(path)
         merged["runs"].update(results["runs"])
         results["runs"].update(merged["runs"])
         temporary = path.with_suffix(f".json.{os.getpid()}.tmp")
         temporary.write_text(json.dumps(merged, indent=1))
         os.replace(temporary, path)
+    finally:
+        os.close(directory)  # closing releases the lock
 
 
 def claim(claims: Path, key: str) -> bool:
