@@ -240,6 +240,7 @@ def profile(trainers: dict, batch: dict, states: dict, *, steps: int) -> dict:
     jobs is shared; operators are summed over the steps of each method.
     """
     per_method: dict[str, dict[str, float]] = {"deit": {}, "cskd": {}}
+    calls: dict[str, dict[str, int]] = {"deit": {}, "cskd": {}}
     for _ in range(steps):
         for method in per_method:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -247,6 +248,7 @@ def profile(trainers: dict, batch: dict, states: dict, *, steps: int) -> dict:
             for event in prof.key_averages():
                 table = per_method[method]
                 table[event.key] = table.get(event.key, 0.0) + event.self_cpu_time_total / 1000
+                calls[method][event.key] = calls[method].get(event.key, 0) + event.count
     totals = {method: sum(table.values()) / steps for method, table in per_method.items()}
     keys = set(per_method["deit"]) | set(per_method["cskd"])
     difference = {
@@ -258,7 +260,13 @@ def profile(trainers: dict, batch: dict, states: dict, *, steps: int) -> dict:
         (key, per_method["cskd"][key] / steps)
         for key in set(per_method["cskd"]) - set(per_method["deit"])
     )
-    return {"ms_per_step": totals, "largest_differences_ms": top, "only_in_cskd_ms": only_cskd}
+    linear_calls = {method: calls[method].get("aten::linear", 0) // steps for method in calls}
+    return {
+        "ms_per_step": totals,
+        "largest_differences_ms": top,
+        "only_in_cskd_ms": only_cskd,
+        "linear_calls_per_step": linear_calls,
+    }
 
 
 def cskd_branch(trainer: Trainer, batch: dict):
