@@ -19,7 +19,6 @@ import fcntl
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 
 from cskd.config import load_config
+from cskd.runlog import cpu_model
 from cskd.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -205,16 +205,6 @@ def summarise(results: dict) -> dict:
         }
         for label, rules in table.items()
     }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def plot(results: dict, path: Path) -> None:

@@ -19,7 +19,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ from cskd.config import Config, load_config
 from cskd.engine import Trainer, TrainState, normalizer
 from cskd.losses import cskd_loss
 from cskd.models import DenseTeacher
+from cskd.runlog import cpu_model
 from cskd.train import (
     amp_dtype,
     build_batch_augmentation,
@@ -357,16 +357,6 @@ def quartiles(values: list[float]) -> tuple[float, float]:
         return min(values), max(values)
     first, _, third = statistics.quantiles(values, n=4)
     return first, third
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def machine(device: torch.device) -> str:

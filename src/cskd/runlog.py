@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import platform
 import sys
 from pathlib import Path
 
@@ -95,3 +96,14 @@ def truncate_after(path: Path, global_step: int, *, completed_epochs: int | None
                 continue
         kept.append(line)
     path.write_text("".join(line + "\n" for line in kept))
+
+
+def cpu_model() -> str:
+    """The CPU's model name (for benchmark reports and logs)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
