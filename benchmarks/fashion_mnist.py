@@ -171,7 +171,7 @@ def run_one(
     finished = run_dir / "final_metrics.json"  # written only when the last epoch is done
     if not finished.exists():
         raise SystemExit(f"[benchmark] {key} stopped before its last epoch: rerun to resume it")
-    final = json.loads(finished.read_text())
+    final = json.loads(finished.read_text())["last_epoch"]
     entry = {
         "recipe": str(recipe.relative_to(ROOT)),
         "overrides": overrides,

@@ -37,6 +37,7 @@ def tiny_overrides(output_dir, teacher_checkpoint: str, **extra) -> list[str]:
         "augment.randaugment": "",
         "optim.epochs": 2,
         "optim.warmup_epochs": 1,
+        "optim.min_lr": 1e-6,  # below the peak, 5e-4 x 8 / 512 = 7.8e-6
         "train.output_dir": str(output_dir),
         "train.log_interval": 2,
     }

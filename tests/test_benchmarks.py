@@ -80,3 +80,27 @@ def test_throughput_profile_shows_the_patch_head_only_in_the_cskd_step(tmp_path,
     # the class and distillation heads in both steps; the patch head only in CSKD's
     assert linear["cskd"] == linear["deit"] + 1, linear
     assert result["ms_per_step"]["deit"] > 0 and result["ms_per_step"]["cskd"] > 0
+
+
+def test_teacher_precision_compares_every_precision_with_fp32(tmp_path, one_thread):
+    import timm
+
+    script = load_script("teacher_precision")
+    torch.manual_seed(0)
+    teacher = timm.create_model(
+        "resnet18", num_classes=10, in_chans=1, channels=[16, 32, 64, 128], output_stride=8
+    )
+    torch.save(teacher.state_dict(), tmp_path / "teacher.pth")
+    output = tmp_path / "precision"
+    arguments = ["--checkpoint", str(tmp_path / "teacher.pth"), "--max-batches", "1"]
+    assert script.main([*arguments, "--batch-size", "40", "--output", str(output)]) == 0
+    results = json.loads(output.with_suffix(".json").read_text())
+    for split in ("test (eval transform)", "train (augmented)"):
+        rows = results[split]
+        assert set(rows) == set(script.PRECISIONS)
+        assert all(rows["fp32"][f"{key} flips %"] == 0.0 for key in script.TARGETS)
+        assert rows["bf16"]["dense targets"] == 40 * 4 * 4  # a 4 x 4 map per image
+    assert (
+        "python benchmarks/teacher_precision.py --checkpoint"
+        in output.with_suffix(".md").read_text()
+    )

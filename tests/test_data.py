@@ -216,14 +216,14 @@ def test_synthetic_is_deterministic_and_batches():
     assert sample["image"].shape == (3, 12, 12) and sample["image"].dtype == torch.float32
     assert 0.0 <= float(sample["image"].min()) and float(sample["image"].max()) <= 1.0
     assert sample["target"] == 4 % 3 and sample["index"] == 4
-    assert sample["crop"].dtype == torch.long and sample["crop"].tolist() == [0, 0, 12, 12]
+    assert sample["crop"].dtype == torch.float32 and sample["crop"].tolist() == [0, 0, 12, 12]
     assert sample["flip"].dtype == torch.bool and not bool(sample["flip"])
 
     batch = next(iter(DataLoader(first, batch_size=4)))
     assert batch["image"].shape == (4, 3, 12, 12)
     assert batch["target"].tolist() == [0, 1, 2, 0]
     assert batch["index"].tolist() == [0, 1, 2, 3]
-    assert batch["crop"].shape == (4, 4) and batch["crop"].dtype == torch.long
+    assert batch["crop"].shape == (4, 4) and batch["crop"].dtype == torch.float32
     assert batch["flip"].shape == (4,) and batch["flip"].dtype == torch.bool
 
     gray = SyntheticImages(size=2, num_classes=2, image_size=8, channels=1)
@@ -285,23 +285,6 @@ def test_train_transform_rejects_bad_config():
         TrainTransform(image_size=16, randaugment="auto-v0")
     with pytest.raises(DataError, match="interpolation"):
         TrainTransform(image_size=16, interpolation="sideways")
-
-
-def test_eval_transform_centre_crop_box():
-    image = random_image(width=100, height=80, seed=4, smooth=True)
-    transform = EvalTransform(image_size=32, crop_pct=0.875)
-    tensor, crop, flip = transform(image)
-    # Shorter side 80 resized to floor(32 / 0.875) = 36, so the 32 px crop covers 80 * 32 / 36.
-    side = round(80 * 32 / 36)
-    assert crop.tolist() == [round((80 - side) / 2), round((100 - side) / 2), side, side]
-    assert tensor.shape == (3, 32, 32) and not bool(flip)
-    reference = TF.center_crop(TF.resize(image, 36, TF.InterpolationMode.BICUBIC), 32)
-    difference = (tensor - TF.to_tensor(reference)).abs()
-    assert difference.mean() < 0.02 and difference.max() < 0.08  # sub-pixel rounding only
-
-    small = random_image(width=28, height=28, mode="L")
-    tensor, crop, _ = EvalTransform(image_size=56, crop_pct=1.0)(small)
-    assert crop.tolist() == [0, 0, 28, 28] and tensor.shape == (1, 56, 56)
 
 
 def test_make_sample_uses_transform_result():
@@ -468,3 +451,58 @@ def test_build_datasets_fashion_mnist_val_split(fashion_train):
     assert train[0]["image"].shape == (1, 32, 32)
     with pytest.raises(DataError, match="in_chans=1"):
         build_datasets(data_config(dataset="fashion_mnist", num_classes=10), augment_config())
+
+
+# ------------------------------------------------------------------ the standard eval protocol
+
+
+@pytest.mark.parametrize("index", range(9))
+def test_eval_transform_is_pixel_equal_to_timm_and_deit_eval(index):
+    """Resize(floor(224 / 0.875) = 256, bicubic) + CenterCrop(224), on real photos of several
+    sizes and aspect ratios: the same pixels as timm's eval transform and DeiT's torchvision one."""
+    import timm.data
+    import torchvision.transforms as T
+    from photos import photos
+
+    photo = photos()[index]
+    tensor, crop, flip = EvalTransform(image_size=224, crop_pct=0.875)(photo)
+    deit = T.Compose([T.Resize(256, T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor()])
+    assert torch.equal(tensor, deit(photo))
+    timm_eval = timm.data.create_transform(
+        224,
+        is_training=False,
+        crop_pct=0.875,
+        interpolation="bicubic",
+        mean=(0, 0, 0),
+        std=(1, 1, 1),
+    )
+    assert torch.equal(tensor, timm_eval(photo))
+    assert tensor.shape == (3, 224, 224) and not bool(flip)
+    # the crop box is the region of the photo that the output shows
+    top, left, height, width = crop.tolist()
+    scale = min(photo.width, photo.height) / 256
+    assert height == pytest.approx(224 * scale, rel=0.01) and width == pytest.approx(
+        224 * scale, rel=0.01
+    )
+    assert top + height <= photo.height + 1e-3 and left + width <= photo.width + 1e-3
+    assert top == pytest.approx((photo.height - height) / 2, abs=scale)
+    assert left == pytest.approx((photo.width - width) / 2, abs=scale)
+    if min(photo.size) >= 128:  # the box, cropped and resized, shows the same picture
+        region = TF.resized_crop(
+            photo,
+            round(top),
+            round(left),
+            round(height),
+            round(width),
+            [224, 224],
+            TF.InterpolationMode.BICUBIC,
+        )
+        assert (TF.to_tensor(region) - tensor).abs().mean() < 0.03
+
+
+def test_eval_transform_at_crop_pct_1_resizes_a_square_image_whole():
+    small = random_image(width=28, height=28, mode="L")
+    tensor, crop, _ = EvalTransform(image_size=32, crop_pct=1.0)(small)
+    assert crop.tolist() == [0, 0, 28, 28] and tensor.shape == (1, 32, 32)
+    expected = TF.to_tensor(small.resize((32, 32), Image.BICUBIC))
+    assert torch.equal(tensor, expected)

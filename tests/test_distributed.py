@@ -104,7 +104,7 @@ def test_two_process_run_writes_the_outputs_of_a_single_process_run_once(
             assert lr == pytest.approx(base_lr * global_batch / 512)
 
     # the 8 validation images are counted once, not once per rank
-    assert json.loads((two / "final_metrics.json").read_text())["images"] == 8
+    assert json.loads((two / "final_metrics.json").read_text())["last_epoch"]["images"] == 8
 
 
 def test_a_two_process_checkpoint_resumes_in_one_process(tmp_path, teacher_checkpoint):

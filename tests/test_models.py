@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import timm
 import torch
@@ -189,3 +191,36 @@ def test_predict_applies_the_named_inference_rule():
         torch.testing.assert_close(student.predict(images), expected, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="unknown inference rule"):
         DenseStudent(model, inference_rule="all")
+
+
+@pytest.mark.parametrize(
+    ("teacher_dtype", "outer", "expected"),
+    [
+        (None, torch.bfloat16, torch.bfloat16),  # no setting: the caller's autocast
+        (torch.float16, torch.bfloat16, torch.float16),  # fp16 teacher inside a bf16 step
+        (torch.float32, torch.bfloat16, torch.float32),  # fp32 teacher inside a bf16 step
+        (torch.bfloat16, None, torch.bfloat16),
+    ],
+)
+def test_teacher_runs_at_its_own_precision_whatever_the_callers(teacher_dtype, outer, expected):
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=5, channels=[8, 16, 32, 64])
+    teacher = DenseTeacher(model, amp_dtype=teacher_dtype)
+    images = torch.randn(2, 3, 32, 32)
+    context = torch.autocast("cpu", dtype=outer) if outer else contextlib.nullcontext()
+    with context:
+        output = teacher(images)
+    assert output.dense_logits.dtype == output.global_logits.dtype == expected
+    reference = DenseTeacher(model)(images)  # fp32
+    torch.testing.assert_close(
+        output.global_logits.float(), reference.global_logits, atol=0.1, rtol=0.05
+    )
+
+
+def test_teacher_fp32_head_computes_the_classifier_in_fp32():
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=5, channels=[8, 16, 32, 64])
+    teacher = DenseTeacher(model, amp_dtype=torch.bfloat16, fp32_head=True)
+    output = teacher(torch.randn(2, 3, 32, 32))
+    assert output.dense_logits.dtype == output.global_logits.dtype == torch.float32
+    torch.testing.assert_close(output.dense_logits.mean((2, 3)), output.global_logits)

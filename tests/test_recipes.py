@@ -13,23 +13,37 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from photos import photo_folder
 
 from cskd.config import ConfigError, get_value, load_config, to_dict
 from cskd.engine import Distiller
 from cskd.models import DenseStudent, DenseTeacher
-from cskd.train import build_student, build_teacher, read_checkpoint, scaled_lr, train
+from cskd.train import (
+    amp_dtype,
+    build_student,
+    build_teacher,
+    check_lr_schedule,
+    read_checkpoint,
+    scaled_lr,
+    teacher_amp_dtype,
+    train,
+)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 IMAGENET = CONFIGS / "imagenet"
 ALL_RECIPES = sorted(CONFIGS.rglob("*.yaml"))
 RUN_FILES = sorted(path.name for path in IMAGENET.glob("[!_]*.yaml"))
 
-# DeiT's recipe as published (method.md, "Recipe and results"), shared by every ImageNet run.
+# DeiT's recipe as published (method.md, "Recipe and results"), shared by every ImageNet run;
+# where the CSKD release's configs/cskd_{tiny,small,base}.py agree, their values too.
 PUBLISHED = {
     "optim.name": "adamw",
     "optim.epochs": 300,
     "optim.weight_decay": 0.05,
     "optim.warmup_epochs": 5,
+    "optim.warmup_lr": 1e-6,
+    "optim.min_lr": 1e-5,
+    "optim.schedule_unit": "epoch",  # DeiT and the release step the scheduler once per epoch
     "optim.clip_grad": 0.0,
     "augment.label_smoothing": 0.1,
     "augment.randaugment": "rand-m9-mstd0.5-inc1",
@@ -40,13 +54,12 @@ PUBLISHED = {
     "augment.repeated_aug": True,
     "augment.interpolation": "bicubic",
     "train.ema": True,
+    "train.ema_decay": 0.99996,
     "data.image_size": 224,
     "data.in_chans": 3,
     "data.dataset": "folder",
     "data.num_classes": 1000,
-    "data.batch_size": 128,  # per GPU, x 8 GPUs = 1024
     "data.eval_crop_pct": 0.875,
-    "student.drop_path": 0.1,
     "teacher.name": "regnety_160",
     "teacher.pretrained_tag": "deit_in1k",
     "distill.alpha": 0.5,
@@ -54,23 +67,94 @@ PUBLISHED = {
     "distill.tau": 1.0,
     "distill.progress": "epoch",
 }
-GLOBAL_BATCH = 1024  # 8 GPUs x 128
-PUBLISHED_LR = 1e-3  # at GLOBAL_BATCH
+GPUS = 8
+# The release's configs/cskd_{size}.py, per model: global batch, learning rate, drop path.
+RELEASE = {
+    "tiny": {"global_batch": 1024, "lr": 1e-3, "drop_path": 0.0},
+    "small": {"global_batch": 512, "lr": 5e-4, "drop_path": 0.0},
+    "base": {"global_batch": 256, "lr": 2.5e-4, "drop_path": 0.0},
+}
+# DeiT's own settings for its distilled baselines (DeiT's main.py defaults), every size.
+DEIT = {"global_batch": 1024, "lr": 1e-3, "drop_path": 0.1}
 
 STUDENTS = {size: f"deit_{size}_distilled_patch16_224" for size in ("tiny", "small", "base")}
-# file -> (student, method, schedule, cskd_kind, best_rule, top-1 in its header comment)
+# file -> (student, method, schedule, cskd_kind, best_rule, top-1 in its header comment, settings)
 RUNS = {
-    "deit_tiny_cskd.yaml": (STUDENTS["tiny"], "cskd", "linear", "hard", "cls+dist+patch", "76.3"),
-    "deit_small_cskd.yaml": (STUDENTS["small"], "cskd", "linear", "hard", "cls+dist+patch", "82.3"),
-    "deit_base_cskd.yaml": (STUDENTS["base"], "cskd", "linear", "hard", "cls+dist+patch", "83.8"),
-    "deit_tiny_deit.yaml": (STUDENTS["tiny"], "deit", "linear", "hard", "cls+dist", "74.5"),
-    "deit_small_deit.yaml": (STUDENTS["small"], "deit", "linear", "hard", "cls+dist", "81.2"),
-    "deit_base_deit.yaml": (STUDENTS["base"], "deit", "linear", "hard", "cls+dist", "83.4"),
-    "ablation_dense.yaml": (STUDENTS["small"], "cskd", "dense", "hard", "cls+dist+patch", None),
-    "ablation_global.yaml": (STUDENTS["small"], "cskd", "global", "hard", "cls+dist+patch", None),
-    "ablation_x2.yaml": (STUDENTS["small"], "cskd", "x2", "hard", "cls+dist+patch", None),
-    "ablation_cos.yaml": (STUDENTS["small"], "cskd", "cos", "hard", "cls+dist+patch", None),
-    "ablation_soft.yaml": (STUDENTS["small"], "cskd", "linear", "soft", "cls+dist+patch", None),
+    "deit_tiny_cskd.yaml": (
+        STUDENTS["tiny"],
+        "cskd",
+        "linear",
+        "hard",
+        "cls+dist+patch",
+        "76.3",
+        RELEASE["tiny"],
+    ),
+    "deit_small_cskd.yaml": (
+        STUDENTS["small"],
+        "cskd",
+        "linear",
+        "hard",
+        "cls+dist+patch",
+        "82.3",
+        RELEASE["small"],
+    ),
+    "deit_base_cskd.yaml": (
+        STUDENTS["base"],
+        "cskd",
+        "linear",
+        "hard",
+        "cls+dist+patch",
+        "83.8",
+        RELEASE["base"],
+    ),
+    "deit_tiny_deit.yaml": (STUDENTS["tiny"], "deit", "linear", "hard", "cls+dist", "74.5", DEIT),
+    "deit_small_deit.yaml": (STUDENTS["small"], "deit", "linear", "hard", "cls+dist", "81.2", DEIT),
+    "deit_base_deit.yaml": (STUDENTS["base"], "deit", "linear", "hard", "cls+dist", "83.4", DEIT),
+    "ablation_dense.yaml": (
+        STUDENTS["small"],
+        "cskd",
+        "dense",
+        "hard",
+        "cls+dist+patch",
+        None,
+        RELEASE["small"],
+    ),
+    "ablation_global.yaml": (
+        STUDENTS["small"],
+        "cskd",
+        "global",
+        "hard",
+        "cls+dist+patch",
+        None,
+        RELEASE["small"],
+    ),
+    "ablation_x2.yaml": (
+        STUDENTS["small"],
+        "cskd",
+        "x2",
+        "hard",
+        "cls+dist+patch",
+        None,
+        RELEASE["small"],
+    ),
+    "ablation_cos.yaml": (
+        STUDENTS["small"],
+        "cskd",
+        "cos",
+        "hard",
+        "cls+dist+patch",
+        None,
+        RELEASE["small"],
+    ),
+    "ablation_soft.yaml": (
+        STUDENTS["small"],
+        "cskd",
+        "linear",
+        "soft",
+        "cls+dist+patch",
+        None,
+        RELEASE["small"],
+    ),
 }
 
 
@@ -107,9 +191,7 @@ def test_imagenet_recipe_matches_the_published_recipe(name):
     config = load_config(IMAGENET / name)
     resolved = {key: get_value(config, key) for key in PUBLISHED}
     assert resolved == PUBLISHED
-    assert scaled_lr(config, GLOBAL_BATCH) == pytest.approx(PUBLISHED_LR)
-    assert scaled_lr(config, GLOBAL_BATCH // 2) == pytest.approx(PUBLISHED_LR / 2)
-    student, method, schedule, kind, best_rule, _ = RUNS[name]
+    student, method, schedule, kind, best_rule, _, settings = RUNS[name]
     assert config.student.name == student
     assert config.student.kwargs == {}  # the real model, not a shrunken one
     assert config.distill.method == method
@@ -120,20 +202,52 @@ def test_imagenet_recipe_matches_the_published_recipe(name):
 
 
 @pytest.mark.parametrize("name", sorted(RUNS))
+def test_imagenet_recipe_batch_lr_and_drop_path_match_the_release(name):
+    """CSKD runs: the release's configs/cskd_{size}.py; DeiT baselines: DeiT's own settings."""
+    config = load_config(IMAGENET / name)
+    settings = RUNS[name][-1]
+    global_batch = config.data.batch_size * GPUS
+    assert global_batch == settings["global_batch"]
+    assert scaled_lr(config, global_batch) == pytest.approx(settings["lr"])
+    assert config.student.drop_path == settings["drop_path"]
+    assert check_lr_schedule(config, global_batch) == pytest.approx(settings["lr"])
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_imagenet_recipe_precision_is_the_release_s_teacher_and_bf16_student(name):
+    config = load_config(IMAGENET / name)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert teacher_amp_dtype(config, cuda) == torch.float16  # as released
+    assert teacher_amp_dtype(config, cpu) == torch.float32
+    assert amp_dtype(config, cuda) == torch.bfloat16  # the stated deviation
+    assert "Deviations from the release: " in header(
+        IMAGENET / name
+    ) or "Deviations from DeiT: " in header(IMAGENET / name)
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
 def test_imagenet_recipe_header_gives_command_hardware_time_and_result(name):
     text = header(IMAGENET / name)
     assert f"torchrun --nproc_per_node=8 -m cskd train --config configs/imagenet/{name}" in text
-    assert "Hardware: 8 GPUs" in text
+    config = load_config(IMAGENET / name)
+    assert f"Hardware: 8 GPUs x {config.data.batch_size} images" in text
     assert "Wall time:" in text
-    expected_top1 = RUNS[name][-1]
+    expected_top1 = RUNS[name][-2]
     assert (expected_top1 in text) if expected_top1 else ("Result" in text)
 
 
-@pytest.mark.parametrize("name", [name for name in RUNS if not name.endswith("_cskd.yaml")])
-def test_baselines_and_ablations_are_small_overrides(name):
+@pytest.mark.parametrize("name", [name for name in RUNS if name.startswith("ablation_")])
+def test_ablations_are_small_overrides_of_the_small_cskd_run(name):
     body = [line for line in (IMAGENET / name).read_text().splitlines() if line[:1] not in "#"]
-    assert body[0].startswith("base: deit_") and body[0].endswith("_cskd.yaml")
-    assert len(body) <= 5, f"{name} should state only what differs from its base"
+    assert body[0] == "base: deit_small_cskd.yaml"
+    assert len(body) <= 4, f"{name} should state only what differs from its base"
+
+
+@pytest.mark.parametrize("name", [name for name in RUNS if name.endswith("_deit.yaml")])
+def test_deit_baselines_are_small_overrides_of_the_deit_recipe(name):
+    body = [line for line in (IMAGENET / name).read_text().splitlines() if line[:1] not in "#"]
+    assert body[0] == "base: _deit_recipe.yaml"
+    assert len(body) <= 4, f"{name} should state only what differs from the DeiT recipe"
 
 
 @pytest.mark.parametrize("size", sorted(STUDENTS))
@@ -183,7 +297,7 @@ def test_exponent_floats_are_read_as_floats():
     """PyYAML reads 1e-3 as a string; the schema turns it into the float the user meant."""
     config = load_config(IMAGENET / "deit_small_cskd.yaml", ["optim.lr=1e-3"])
     assert config.optim.lr == 1e-3
-    assert scaled_lr(config, GLOBAL_BATCH) == pytest.approx(2e-3)
+    assert scaled_lr(config, 1024) == pytest.approx(2e-3)
 
 
 def test_missing_imagenet_folder_is_one_clear_line(tmp_path):
@@ -197,18 +311,12 @@ def test_missing_imagenet_folder_is_one_clear_line(tmp_path):
     assert "data.root" in lines[0]
 
 
-# ---------------------------------------------------------------------------- two-step runs
+# ---------------------------------------------------------------------------- 20-step runs
 
 TINY_VIT = "{embed_dim: 32, depth: 1, num_heads: 2}"  # keeps patch 16 at 224 px: 14 x 14 grid
 TINY_CNN = {"channels": [8, 16, 32, 64], "stem_width": 8}  # stride 32: 7 x 7 at 224 px
-TINY_CLASSES = 10
-SMOKE_RUNS = [
-    "deit_tiny_cskd.yaml",
-    "deit_small_cskd.yaml",
-    "deit_base_cskd.yaml",
-    "deit_small_deit.yaml",
-    "ablation_global.yaml",
-]
+TINY_CLASSES = 4
+STEPS_PER_EPOCH, EPOCHS = 10, 2
 
 
 @pytest.fixture(scope="module")
@@ -220,35 +328,46 @@ def tiny_teacher_224(tmp_path_factory) -> str:
     return str(path)
 
 
-def shrunken(output_dir: Path, teacher_checkpoint: str) -> list[str]:
-    """Overrides that keep a recipe's names, augmentation and shapes but shrink its cost."""
+@pytest.fixture(scope="module")
+def photo_root(tmp_path_factory) -> Path:
+    """4 classes x 10 real photos (JPEG and PNG, 23 to 1054 px, aspect 1:3 to 3:1) for training,
+    4 x 2 for validation."""
+    root = tmp_path_factory.mktemp("photos")
+    return photo_folder(root, classes=TINY_CLASSES, train_per_class=10, val_per_class=2)
+
+
+def shrunken(output_dir: Path, teacher_checkpoint: str, photo_root: Path) -> list[str]:
+    """Overrides that keep a recipe's names, full augmentation (RandAugment, erasing, Mixup/
+    CutMix, repeated augmentation) and 224 px shapes, on real photos, with tiny models."""
     return [
         f"student.kwargs={TINY_VIT}",
         "teacher.name=resnet18",
         f"teacher.kwargs={json.dumps(TINY_CNN)}",
         f"teacher.checkpoint={teacher_checkpoint}",
         "teacher.pretrained_tag=",
-        "data.dataset=synthetic",
+        f"data.root={photo_root}",
         f"data.num_classes={TINY_CLASSES}",
-        "data.synthetic_size=16",
         "data.batch_size=4",
         "data.eval_batch_size=4",
         "data.workers=0",
-        "optim.epochs=1",
-        "optim.warmup_epochs=0",
+        "optim.lr_batch_reference=4",  # the recipe's lr per image, at 4 images
+        f"optim.epochs={EPOCHS}",
+        "optim.warmup_epochs=1",
         "train.device=cpu",
         "train.log_interval=1",
-        "train.max_steps_per_epoch=2",
-        "train.eval_max_batches=1",
+        f"train.max_steps_per_epoch={STEPS_PER_EPOCH}",
         f"train.output_dir={output_dir}",
     ]
 
 
-@pytest.mark.parametrize("name", SMOKE_RUNS)
-def test_imagenet_recipe_trains_two_steps_at_224_px(name, tmp_path, tiny_teacher_224, monkeypatch):
-    config = load_config(IMAGENET / name, shrunken(tmp_path / "run", tiny_teacher_224))
-    _, method, schedule, _, _, _ = RUNS[name]
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_imagenet_recipe_trains_20_steps_on_real_photos_at_224_px(
+    name, tmp_path, tiny_teacher_224, photo_root, monkeypatch
+):
+    config = load_config(IMAGENET / name, shrunken(tmp_path / "run", tiny_teacher_224, photo_root))
+    _, method, schedule, *_ = RUNS[name]
     assert (config.student.name, config.data.image_size) == (RUNS[name][0], 224)
+    assert config.augment == load_config(IMAGENET / name).augment  # the full augmentation
 
     teacher_maps, student_grids, in_step = [], [], []
     teacher_forward, student_forward = DenseTeacher.forward, DenseStudent.forward
@@ -279,32 +398,40 @@ def test_imagenet_recipe_trains_two_steps_at_224_px(name, tmp_path, tiny_teacher
     final = train(config)
 
     run_dir = tmp_path / "run"
-    assert (run_dir / "last.pt").is_file() and (run_dir / "config.yaml").is_file()
+    steps_total = STEPS_PER_EPOCH * EPOCHS
+    assert (run_dir / "last.pt").is_file() and (run_dir / "student.safetensors").is_file()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [record for record in records if record["type"] == "step"]
-    assert [record["step"] for record in steps] == [1, 2]
+    assert [record["step"] for record in steps] == list(range(1, steps_total + 1))
     assert all(math.isfinite(record["loss"]) for record in steps)
-    assert final["images"] == 4 and "ema" in final
-    assert [record["epoch"] for record in records if record["type"] == "epoch"] == [0]
+    # the per-epoch schedule: one learning rate per epoch, warm-up then the cosine
+    assert len({record["lr"] for record in steps if record["epoch"] == 0}) == 1
+    assert len({record["lr"] for record in steps if record["epoch"] == 1}) == 1
+    assert final["images"] == 2 * TINY_CLASSES and "ema" in final
+    assert [record["epoch"] for record in records if record["type"] == "epoch"] == [0, 1]
     saved = read_checkpoint(run_dir / "last.pt")
     assert saved["config"]["student"]["name"] == config.student.name
     assert saved["config"]["distill"] == to_dict(config)["distill"]
     if method == "cskd":
         assert all("cskd" in record for record in steps)
-        expected_weight = 0.0 if schedule == "global" else 1.0  # a(0)
-        assert [record["local_weight"] for record in steps] == [expected_weight] * 2
+        expected = {"global": [0.0, 0.0], "dense": [1.0, 1.0]}.get(schedule, [1.0, None])
+        weights = [steps[0]["local_weight"], steps[-1]["local_weight"]]
+        assert weights[0] == expected[0]
+        assert expected[1] is None or weights[1] == expected[1]
     else:
         assert not any("cskd" in record for record in steps)
     training_maps = [shapes for shapes in teacher_maps if shapes[0] == (224, 224)]
-    assert len(training_maps) == 2 and {shapes[1] for shapes in training_maps} == {(7, 7)}
+    assert len(training_maps) == steps_total and {shapes[1] for shapes in training_maps} == {(7, 7)}
     training_grids = [grids for grids in student_grids if grids[1] != (1, 1)]
-    assert len(training_grids) == 2
+    assert len(training_grids) == steps_total
     assert {grids[0] for grids in training_grids} == {(14, 14)}
     assert {grids[1] for grids in training_grids} == {(7, 7) if method == "cskd" else None}
 
 
-def test_shrunken_models_keep_the_recipe_grids(tiny_teacher_224, tmp_path):
-    config = load_config(IMAGENET / "deit_base_cskd.yaml", shrunken(tmp_path, tiny_teacher_224))
+def test_shrunken_models_keep_the_recipe_grids(tiny_teacher_224, photo_root, tmp_path):
+    config = load_config(
+        IMAGENET / "deit_base_cskd.yaml", shrunken(tmp_path, tiny_teacher_224, photo_root)
+    )
     student, teacher = build_student(config), build_teacher(config)
     assert student.grid_size == (14, 14) and student.model.embed_dim == 32
     assert teacher(torch.zeros(1, 3, 224, 224)).dense_logits.shape == (1, TINY_CLASSES, 7, 7)

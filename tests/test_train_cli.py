@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import timm
 import torch
 import yaml
@@ -109,3 +110,94 @@ def test_demo_quick_prints_the_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| ViT student, CSKD |" in out and "| teacher (CNN, supervised) |" in out
     assert (tmp_path / "demo" / "cskd" / "student.safetensors").is_file()
+
+
+# ------------------------------------------------------------------ learning-rate schedule
+
+
+def test_min_lr_above_the_scaled_peak_is_refused_in_one_line_and_writes_nothing(tmp_path, tiny_run):
+    """lr 5e-4 per 512 images at a batch of 8 peaks at 7.8e-6, under min_lr 1e-5: the cosine
+    would climb from the peak to min_lr, silently. One line, exit status 2, no run left."""
+    import subprocess
+    import sys
+
+    overrides = tiny_run(
+        **{"optim.lr": 5e-4, "optim.lr_batch_reference": 512, "optim.min_lr": 1e-5}
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "cskd", "train", *overrides],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert (
+        "optim.min_lr=1e-05" in lines[0]
+        and "7.81e-06" in lines[0]
+        and "lower optim.min_lr" in lines[0]
+    )
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"optim.lr": 1e-6, "optim.min_lr": 1e-5}, "optim.min_lr"),  # a fine-tuning lr
+        ({"optim.lr": 1e-6, "optim.min_lr": 0.0, "optim.warmup_lr": 1e-5}, "optim.warmup_lr"),
+    ],
+)
+def test_check_lr_schedule_names_the_setting_that_reaches_the_peak(overrides, key):
+    from cskd.config import ConfigError, load_config
+    from cskd.train import check_lr_schedule
+
+    values = {"optim.lr_batch_reference": 8, **overrides}
+    config = load_config(None, [f"{k}={v}" for k, v in values.items()])
+    with pytest.raises(ConfigError, match=key):
+        check_lr_schedule(config, 8)
+    assert check_lr_schedule(load_config(None, ["optim.lr=1e-3"]), 512) == 1e-3
+
+
+@pytest.mark.parametrize("unit", ["step", "epoch"])
+def test_learning_rate_warms_up_then_only_decays(tmp_path, tiny_run, unit):
+    overrides = {"optim.epochs": 4, "optim.warmup_epochs": 1, "train.log_interval": 1}
+    assert main(["train", *tiny_run(**overrides, **{"optim.schedule_unit": unit})]) == 0
+    steps = _records(tmp_path / "run", "step")
+    rates = [record["lr"] for record in steps]
+    peak = rates.index(max(rates))
+    assert 0.5 * 7.8125e-6 < max(rates) <= 7.8125e-6  # tiny_run's peak: 5e-4 x 8 / 512
+    assert all(a >= b for a, b in zip(rates[peak:], rates[peak + 1 :]))  # never climbs back
+    per_epoch = {}
+    for record in steps:
+        per_epoch.setdefault(record["epoch"], set()).add(record["lr"])
+    if unit == "epoch":  # DeiT's: one rate per epoch, the warm-up epoch at warmup_lr
+        assert all(len(rates) == 1 for rates in per_epoch.values())
+        assert per_epoch[0] == {1e-6}
+    else:
+        assert len(per_epoch[0]) > 1  # warm-up step by step
+
+
+# ------------------------------------------------------------------ final metrics
+
+
+def test_final_metrics_give_the_last_and_the_best_epoch_per_rule_raw_and_ema(tmp_path, tiny_run):
+    assert main(["train", *tiny_run(**{"optim.epochs": 3})]) == 0
+    run_dir = tmp_path / "run"
+    final = json.loads((run_dir / "final_metrics.json").read_text())
+    epochs = _records(run_dir, "epoch")
+    assert final["last_epoch"]["epoch"] == 2
+    assert final["last_epoch"]["cls+dist+patch"] == epochs[-1]["eval"]["cls+dist+patch"]
+    assert final["last_epoch"]["ema"] == epochs[-1]["eval"]["ema"]
+    for rule in ("cls", "cls+dist", "cls+dist+patch"):
+        for best, key in (
+            (final["best_epoch"], lambda e: e["eval"]),
+            (final["best_epoch"]["ema"], lambda e: e["eval"]["ema"]),
+        ):
+            values = [key(record)[rule]["top1"] for record in epochs]
+            assert best[rule]["top1"] == max(values)
+            assert best[rule]["epoch"] == values.index(max(values))
+            assert best[rule]["top5"] == key(epochs[best[rule]["epoch"]])[rule]["top5"]
+    assert "best_epoch" in final["note"] and "release" in final["note"]
+    log = (run_dir / "train.log").read_text()
+    assert "at the last epoch (3), best" in log

@@ -45,6 +45,9 @@ class TeacherConfig:
     kwargs: dict = field(default_factory=dict)
     mean: tuple[float, ...] = IMAGENET_MEAN  # the teacher's own input normalisation
     std: tuple[float, ...] = IMAGENET_STD
+    # the teacher's precision: auto (fp16 on GPU, as released; fp32 on CPU) | fp32 | fp16 | bf16
+    # (docs/results/teacher_precision.md: bf16 flips ~10x more hard targets than fp16)
+    amp: str = "auto"
 
 
 @dataclass
@@ -104,8 +107,9 @@ class OptimConfig:
     clip_grad: float = 0.0  # 0 = off
     epochs: int = 300
     warmup_epochs: int = 5
-    warmup_lr: float = 1e-6
-    min_lr: float = 1e-5
+    warmup_lr: float = 1e-6  # not scaled with the batch (as DeiT); must stay below the peak
+    min_lr: float = 1e-5  # not scaled with the batch (as DeiT); must stay below the peak
+    schedule_unit: str = "step"  # step: lr updated every step | epoch: once per epoch (DeiT)
 
 
 @dataclass
@@ -151,6 +155,8 @@ CHOICES = {
     "distill.schedule": SCHEDULES,
     "distill.progress": PROGRESS_UNITS,
     "train.amp": ("auto", "off", "bf16", "fp16"),
+    "teacher.amp": ("auto", "fp32", "fp16", "bf16"),
+    "optim.schedule_unit": ("step", "epoch"),
     "train.dist_backend": ("auto", "nccl", "gloo"),
 }
 POSITIVE = ("data.num_classes", "data.image_size", "data.in_chans", "data.batch_size")

@@ -6,7 +6,8 @@ batches::
     {"image": FloatTensor C x S x S in [0, 1] (not normalised; that happens on the device),
      "target": int,
      "index": int (always ``i``: the key for per-sample caches such as teacher maps),
-     "crop": LongTensor [top, left, height, width] in the original image's pixels,
+     "crop": FloatTensor [top, left, height, width] in the original image's pixels (whole
+             pixels for training crops, fractional for the evaluation crop),
      "flip": bool tensor (whether the crop was mirrored horizontally)}
 
 The crop box and flip let the training step map cached per-image teacher outputs onto the
@@ -35,7 +36,7 @@ from typing import Any
 import torch
 import torchvision
 import torchvision.transforms.functional as TF
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
@@ -50,6 +51,8 @@ __all__ = [
     "SubsetDataset",
     "check_class_folders",
     "verify_images",
+    "posterize",
+    "rand_augment",
     "TrainTransform",
     "EvalTransform",
     "make_sample",
@@ -132,8 +135,40 @@ def _interpolation_mode(name: str) -> InterpolationMode:
         raise DataError(f"unknown interpolation {name!r}: use one of {allowed}") from None
 
 
-def _crop_tensor(top: int, left: int, height: int, width: int) -> torch.Tensor:
-    return torch.tensor([top, left, height, width], dtype=torch.long)
+def _crop_tensor(top: float, left: float, height: float, width: float) -> torch.Tensor:
+    return torch.tensor([top, left, height, width], dtype=torch.float32)
+
+
+def posterize(image: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """Keep the ``bits_to_keep`` most significant bits of each channel; 0 or fewer gives black.
+
+    timm's RandAugment asks for 0 bits when a magnitude drawn with ``mstd`` is clipped to its
+    maximum (``PosterizeIncreasing`` at magnitude 10, ``Posterize`` at 0). Pillow before 9.x
+    returned a black image for 0 bits, which is what DeiT and the CSKD release trained with;
+    Pillow 10 and later raise ``ValueError``. This keeps the old result for every bit count.
+    """
+    if bits_to_keep >= 8:
+        return image
+    if bits_to_keep <= 0:
+        return image.point([0] * 256 * len(image.getbands()))
+    return ImageOps.posterize(image, bits_to_keep)
+
+
+def rand_augment(config: str, hparams: dict[str, Any]) -> Callable[[Image.Image], Image.Image]:
+    """timm's RandAugment for ``config`` (e.g. ``rand-m9-mstd0.5-inc1``), with :func:`posterize`
+    in place of timm's for the posterize ops, so that no magnitude it can draw raises.
+
+    Only the op's function is replaced: the ops, their probabilities and the random draws
+    (op choice, magnitude, sign) are timm's, so the distribution of augmented images is the
+    reference pipeline's. Raises what timm raises for a malformed ``config``.
+    """
+    from timm.data import auto_augment
+
+    transform = auto_augment.rand_augment_transform(config, hparams)
+    for op in transform.ops:
+        if op.aug_fn is auto_augment.posterize:
+            op.aug_fn = posterize
+    return transform
 
 
 class TrainTransform:
@@ -185,7 +220,6 @@ class TrainTransform:
                     f"augment.randaugment={randaugment!r} is not a RandAugment config: use e.g. "
                     "'rand-m9-mstd0.5-inc1', or '' to turn it off"
                 )
-            from timm.data.auto_augment import rand_augment_transform
             from timm.data.transforms import str_to_pil_interp
 
             fill = tuple(round(255 * m) for m in mean)
@@ -194,11 +228,9 @@ class TrainTransform:
                 interpolation=str_to_pil_interp(interpolation),
             )
             try:
-                self.randaugment_rgb = rand_augment_transform(
-                    randaugment, dict(base_hparams, img_mean=fill)
-                )
+                self.randaugment_rgb = rand_augment(randaugment, dict(base_hparams, img_mean=fill))
                 # PIL geometric ops on "L" images need a single fill value, not an RGB triple.
-                self.randaugment_gray = rand_augment_transform(
+                self.randaugment_gray = rand_augment(
                     randaugment, dict(base_hparams, img_mean=round(sum(fill) / len(fill)))
                 )
             except (AssertionError, ValueError, KeyError) as error:
@@ -235,13 +267,14 @@ class TrainTransform:
 
 
 class EvalTransform:
-    """Deterministic evaluation transform: centre crop of ``crop_pct`` of the shorter side.
+    """The standard evaluation protocol, as timm and DeiT apply it: resize the shorter side to
+    ``floor(image_size / crop_pct)`` (256 for 224 px at 0.875), then take the central
+    ``image_size`` square.
 
-    Equivalent to resizing the shorter side to ``floor(image_size / crop_pct)`` and taking the
-    central ``image_size`` square, but computed as one crop in the original image's pixels
-    (so the returned crop box describes the output exactly). With ``crop_pct=1.0`` the whole
-    image is resized to ``image_size`` x ``image_size`` (meant for small, square images).
-    Returns ``(image, crop, flip)`` like :class:`TrainTransform`, with flip always False.
+    The pixels come from timm's own ``transforms_imagenet_eval`` (so they equal timm's and
+    DeiT's evaluation input exactly); :meth:`crop_box` gives the region of the original image
+    they show. Returns ``(image, crop, flip)`` like :class:`TrainTransform`, flip always False;
+    the box is fractional here (a resize then a whole-pixel crop of the resized image).
     """
 
     def __init__(
@@ -251,24 +284,41 @@ class EvalTransform:
             raise DataError(f"image_size must be positive, got {image_size}")
         if not 0.0 < crop_pct <= 1.0:
             raise DataError(f"data.eval_crop_pct must be in (0, 1], got {crop_pct}")
+        from timm.data.transforms_factory import transforms_imagenet_eval
+
         self.image_size = image_size
         self.crop_pct = crop_pct
         self.interpolation = _interpolation_mode(interpolation)
+        self.resize_to = math.floor(image_size / crop_pct)  # the shorter side before cropping
+        # normalize=False: uint8 tensors, turned into [0, 1] floats exactly as ToTensor does
+        self.pipeline = transforms_imagenet_eval(
+            img_size=image_size,
+            crop_pct=crop_pct,
+            interpolation=interpolation,
+            normalize=False,
+        )
 
-    def crop_box(self, *, height: int, width: int) -> tuple[int, int, int, int]:
-        """The centre crop ``(top, left, height, width)`` for an input of the given size."""
-        if self.crop_pct >= 1.0:
-            return 0, 0, height, width
-        shorter = min(height, width)
-        resized_shorter = math.floor(self.image_size / self.crop_pct)
-        side = min(shorter, max(1, round(self.image_size * shorter / resized_shorter)))
-        return round((height - side) / 2), round((width - side) / 2), side, side
+    def crop_box(self, *, height: int, width: int) -> tuple[float, float, float, float]:
+        """``(top, left, height, width)`` in input pixels of the region the output shows.
+
+        torchvision's ``Resize(s)`` scales the shorter side to ``s`` and the longer one to
+        ``int(s * longer / shorter)``; ``CenterCrop(S)`` then starts at
+        ``round((resized - S) / 2)`` on each axis.
+        """
+        short, long = min(height, width), max(height, width)
+        resized_long = int(self.resize_to * long / short)
+        resized_h, resized_w = (
+            (self.resize_to, resized_long) if height <= width else (resized_long, self.resize_to)
+        )
+        scale_h, scale_w = height / resized_h, width / resized_w
+        top = round((resized_h - self.image_size) / 2) * scale_h
+        left = round((resized_w - self.image_size) / 2) * scale_w
+        return top, left, self.image_size * scale_h, self.image_size * scale_w
 
     def __call__(self, image: Image.Image) -> TransformResult:
-        top, left, height, width = self.crop_box(height=image.height, width=image.width)
-        size = [self.image_size, self.image_size]
-        image = TF.resized_crop(image, top, left, height, width, size, self.interpolation)
-        return TF.to_tensor(image), _crop_tensor(top, left, height, width), torch.tensor(False)
+        box = self.crop_box(height=image.height, width=image.width)
+        tensor = self.pipeline(image).float().div_(255)  # (C, S, S), as TF.to_tensor gives
+        return tensor, torch.tensor(box, dtype=torch.float32), torch.tensor(False)
 
     def __repr__(self) -> str:
         return (

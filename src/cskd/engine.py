@@ -95,7 +95,7 @@ class TrainState:
     step_in_epoch: int = 0  # optimisation steps already done in this epoch
     global_step: int = 0
     best_metric: float = -1.0
-    history: list = field(default_factory=list)  # per-epoch metric summaries
+    best: dict = field(default_factory=dict)  # per rule: top1, top5, epoch of the best epoch
     # the epoch's loss parts summed so far, and over how many steps: saved in checkpoints so that
     # an epoch resumed mid-way reports the same training means as an uninterrupted one
     epoch_sums: dict = field(default_factory=dict)
@@ -194,6 +194,7 @@ class Trainer:
     def train_one_epoch(self, batches: Iterable[dict], state: TrainState) -> dict:
         """Train until the epoch's steps are done (or ``should_stop``); returns mean loss parts."""
         self.distiller.train()
+        self.scheduler.step(state.epoch)  # an epoch-unit schedule moves here (a no-op per step)
         if state.step_in_epoch == 0:
             state.epoch_sums, state.epoch_steps = {}, 0
         sums = state.epoch_sums

@@ -11,6 +11,7 @@ parameters, and returns the same named structure in train and eval mode.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -55,9 +56,20 @@ class DenseTeacher(nn.Module):
     logits equals the model's output; heads for which it cannot hold are refused.
     """
 
-    def __init__(self, model: nn.Module, *, name: str | None = None, check_size: int = 64) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        name: str | None = None,
+        check_size: int = 64,
+        amp_dtype: torch.dtype | None = None,
+        fp32_head: bool = False,
+    ) -> None:
         super().__init__()
         self.name = name or type(model).__name__
+        # None: the caller's precision; float32: autocast off; float16/bfloat16: autocast to it
+        self.amp_dtype = amp_dtype
+        self.fp32_head = fp32_head  # classifier (dense and global) in fp32 from the features
         classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
         if not isinstance(classifier, nn.Linear):
             raise TeacherError(
@@ -81,7 +93,25 @@ class DenseTeacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> TeacherOutput:
-        features = self.model.forward_features(images)  # (N, C_f, H, W)
+        """images: (N, C, S, S) in the teacher's normalisation -> dense (N, K, H, W) and global
+        (N, K) logits. With ``amp_dtype`` set the pass runs at that precision whatever the
+        caller's autocast (float16 is how the CSKD release runs its teacher; float32 turns
+        autocast off); with ``fp32_head`` only the features are computed at low precision."""
+        device_type = images.device.type
+        if self.amp_dtype is None:
+            precision = contextlib.nullcontext()
+        elif self.amp_dtype == torch.float32:
+            precision = torch.autocast(device_type, enabled=False)
+        else:
+            precision = torch.autocast(device_type, dtype=self.amp_dtype)
+        with precision:
+            features = self.model.forward_features(images)  # (N, C_f, H, W)
+            if not self.fp32_head:
+                return self._heads(features)
+        with torch.autocast(device_type, enabled=False):
+            return self._heads(features.float())
+
+    def _heads(self, features: torch.Tensor) -> TeacherOutput:
         global_logits = self.model.forward_head(features)  # (N, K)
         weight = self.classifier.weight[:, :, None, None]  # (K, C_f, 1, 1)
         dense_logits = F.conv2d(features, weight, self.classifier.bias)  # (N, K, H, W)

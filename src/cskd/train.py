@@ -95,10 +95,34 @@ def scaled_lr(config: Config, global_batch: int) -> float:
     return config.optim.lr * global_batch / config.optim.lr_batch_reference
 
 
+def check_lr_schedule(config: Config, global_batch: int) -> float:
+    """The peak learning rate for ``global_batch``; ConfigError if the warm-up start or the floor
+    of the cosine (not scaled with the batch, as in DeiT) reaches it, which would make the
+    "decay" climb (a small batch or a fine-tuning lr can put the peak under 1e-5)."""
+    lr = scaled_lr(config, global_batch)
+    shown = (
+        f"the peak learning rate {lr:.3g} (= optim.lr {config.optim.lr:g} x {global_batch} "
+        f"images / optim.lr_batch_reference {config.optim.lr_batch_reference})"
+    )
+    if config.optim.min_lr >= lr:
+        raise ConfigError(
+            f"optim.min_lr={config.optim.min_lr:g} is not below {shown}, so the cosine schedule "
+            "would rise instead of decay: lower optim.min_lr (e.g. to a hundredth of the peak) "
+            "or raise optim.lr"
+        )
+    if config.optim.warmup_epochs and config.optim.warmup_lr > lr:
+        raise ConfigError(
+            f"optim.warmup_lr={config.optim.warmup_lr:g} is above {shown}, so the warm-up would "
+            "go down: lower optim.warmup_lr or raise optim.lr"
+        )
+    return lr
+
+
 def build_optimization(
     config: Config, student: torch.nn.Module, *, lr: float, steps_per_epoch: int
 ):
-    """AdamW (or any timm optimizer) without weight decay on norms, biases and tokens; cosine."""
+    """AdamW (or any timm optimizer) without weight decay on norms, biases and tokens; cosine
+    with warm-up, updated every step or (``optim.schedule_unit=epoch``, as DeiT) every epoch."""
     optimizer = create_optimizer_v2(
         student.model, opt=config.optim.name, lr=lr, weight_decay=config.optim.weight_decay
     )
@@ -109,7 +133,7 @@ def build_optimization(
         warmup_epochs=config.optim.warmup_epochs,
         warmup_lr=config.optim.warmup_lr,
         min_lr=config.optim.min_lr,
-        step_on_epochs=False,
+        step_on_epochs=config.optim.schedule_unit == "epoch",
         updates_per_epoch=steps_per_epoch,
     )
     return optimizer, scheduler
@@ -166,6 +190,15 @@ def build_distiller(
     ).to(device)
 
 
+def teacher_amp_dtype(config: Config, device: torch.device) -> torch.dtype:
+    """The teacher's precision: ``auto`` is fp16 on a GPU (as the release runs its teacher, and
+    10x fewer flipped hard targets than bf16, docs/results/teacher_precision.md), fp32 on CPU."""
+    amp = config.teacher.amp
+    if amp == "auto":
+        amp = "fp16" if device.type == "cuda" else "fp32"
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[amp]
+
+
 def amp_dtype(config: Config, device: torch.device) -> torch.dtype | None:
     amp = config.train.amp
     if amp == "auto":
@@ -217,6 +250,7 @@ def checkpoint_state(
             "step_in_epoch": state.step_in_epoch,
             "global_step": state.global_step,
             "best_metric": state.best_metric,
+            "best": state.best,
             "epoch_sums": dict(state.epoch_sums),
             "epoch_steps": state.epoch_steps,
         },
@@ -307,6 +341,8 @@ def train(config: Config) -> dict:
 
 
 def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest) -> dict:
+    global_batch = config.data.batch_size * info.world_size
+    lr = check_lr_schedule(config, global_batch)
     run_dir = distributed.together(prepare_run_dir, config, is_main=info.is_main)
     setup_logging(rank=info.rank, log_file=run_dir / "train.log")
     device = info.device
@@ -342,14 +378,13 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
     teacher = distributed.together(build_teacher, config)
     if teacher is not None:
         teacher = teacher.to(device)
+        teacher.amp_dtype = teacher_amp_dtype(config, device)
     if config.train.channels_last:
         student = student.to(memory_format=torch.channels_last)
         teacher = teacher.to(memory_format=torch.channels_last) if teacher is not None else None
     ema = ModelEmaV3(student, decay=config.train.ema_decay) if config.train.ema else None
     seed_everything(config.train.seed + info.rank)  # each rank its own dropout, Mixup, erasing
 
-    global_batch = batch_size * info.world_size
-    lr = scaled_lr(config, global_batch)
     optimizer, scheduler = build_optimization(
         config, student, lr=lr, steps_per_epoch=steps_per_epoch
     )
@@ -481,6 +516,7 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
             metrics_writer.close()
             return final
         final = _evaluate_all(student, ema, val_loader, rules, device, student_norm, dtype, config)
+        update_best(state.best, final, epoch=state.epoch)
         record = {"type": "epoch", "epoch": state.epoch, "step": state.global_step}
         record.update(train=train_means, eval=final)
         metrics_writer.write(record)
@@ -502,9 +538,50 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
         save_safetensors_atomic(student.state_dict(), run_dir / "student.safetensors")
         if ema is not None:
             save_safetensors_atomic(ema.module.state_dict(), run_dir / "student_ema.safetensors")
-        (run_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
+        summary = final_summary(final, state.best, last_epoch=config.optim.epochs - 1)
+        (run_dir / "final_metrics.json").write_text(json.dumps(summary, indent=2))
+        log.info(_final_line(summary, config.train.best_rule))
     metrics_writer.close()
     return final
+
+
+def update_best(best: dict, metrics: dict, *, epoch: int) -> None:
+    """Keep, per rule (and per rule of the EMA weights under ``best["ema"]``), the epoch of the
+    highest top-1 so far: ``{rule: {"top1", "top5", "epoch"}}``; ties keep the earlier epoch."""
+    for rule, values in metrics.items():
+        if rule == "images":
+            continue
+        if rule == "ema":
+            update_best(best.setdefault("ema", {}), values, epoch=epoch)
+        elif rule not in best or values["top1"] > best[rule]["top1"]:
+            best[rule] = {"top1": values["top1"], "top5": values["top5"], "epoch": epoch}
+
+
+def final_summary(last: dict, best: dict, *, last_epoch: int) -> dict:
+    """What ``final_metrics.json`` holds: the last epoch's metrics (what this project reports)
+    and each rule's best epoch (what the CSKD release reports), raw and EMA."""
+    return {
+        "last_epoch": {"epoch": last_epoch, **last},
+        "best_epoch": best,
+        "note": (
+            "last_epoch: every rule at the end of training (the weights in student.safetensors); "
+            "best_epoch: per rule, the epoch with the highest validation top-1 (what the CSKD "
+            "release reports; a choice made on the validation set)"
+        ),
+    }
+
+
+def _final_line(summary: dict, rule: str) -> str:
+    ema, name = rule.startswith("ema/"), rule.removeprefix("ema/")
+    last = summary["last_epoch"].get("ema", {}) if ema else summary["last_epoch"]
+    best = summary["best_epoch"].get("ema", {}) if ema else summary["best_epoch"]
+    if name not in last or name not in best:
+        return "finished"
+    return (
+        f"finished: {rule} top-1 {last[name]['top1']:.2f} at the last epoch "
+        f"({summary['last_epoch']['epoch'] + 1}), best {best[name]['top1']:.2f} at epoch "
+        f"{best[name]['epoch'] + 1} (the release reports the best epoch)"
+    )
 
 
 def _evaluate_all(student, ema, loader, rules, device, norm, dtype, config) -> dict:
