@@ -506,3 +506,75 @@ def test_eval_transform_at_crop_pct_1_resizes_a_square_image_whole():
     assert crop.tolist() == [0, 0, 28, 28] and tensor.shape == (1, 32, 32)
     expected = TF.to_tensor(small.resize((32, 32), Image.BICUBIC))
     assert torch.equal(tensor, expected)
+
+
+# ------------------------------------------------------------------ translated Fashion-MNIST
+
+
+def test_translated_fashion_mnist_places_each_garment_by_its_index():
+    from cskd.data import TranslatedFashionMNIST
+
+    plain = FashionMNIST(split="test")
+    translated = TranslatedFashionMNIST(split="test", canvas_size=64)
+    again = TranslatedFashionMNIST(split="test", canvas_size=64, indices=[7, 3])
+    placements = set()
+    for index in (3, 7, 100):
+        sample = translated[index]
+        canvas = (sample["image"][0] * 255).round().to(torch.uint8)  # (64, 64)
+        top, left = translated.placement(index)
+        placements.add((top, left))
+        assert canvas.shape == (64, 64) and sample["target"] == plain[index]["target"]
+        garment = (plain[index]["image"][0] * 255).round().to(torch.uint8)
+        assert torch.equal(canvas[top : top + 28, left : left + 28], garment)
+        outside = canvas.clone()
+        outside[top : top + 28, left : left + 28] = 0
+        assert int(outside.max()) == 0  # no clutter: black elsewhere
+    assert len(placements) == 3  # positions vary with the index
+    assert torch.equal(again[0]["image"], translated[7]["image"])  # the same canvas in a subset
+    assert again[0]["index"] == 0
+
+
+def test_translated_fashion_mnist_clutter_comes_from_other_garments():
+    from cskd.data import TranslatedFashionMNIST
+
+    clean = TranslatedFashionMNIST(split="test", canvas_size=64)
+    cluttered = TranslatedFashionMNIST(split="test", canvas_size=64, clutter=6, fragment_size=10)
+    other_seed = TranslatedFashionMNIST(split="test", canvas_size=64, clutter=6, placement_seed=1)
+    index = 5
+    top, left = cluttered.placement(index)
+    image, base = cluttered[index]["image"][0], clean[index]["image"][0]
+    assert cluttered.placement(index) == clean.placement(index)
+    assert (image >= base).all()  # pixel-wise maximum: the garment is never covered
+    outside = image.clone()
+    outside[top : top + 28, left : left + 28] = 0
+    assert float(outside.max()) > 0  # fragments landed outside the garment
+    assert not torch.equal(other_seed[index]["image"], cluttered[index]["image"])
+    with pytest.raises(DataError, match="canvas_size"):
+        TranslatedFashionMNIST(split="test", canvas_size=20)
+
+
+def test_build_datasets_gives_translated_fashion_mnist_at_the_recipe_size():
+    data_cfg = SimpleNamespace(
+        dataset="translated_fashion_mnist",
+        root="",
+        download=False,
+        num_classes=10,
+        image_size=64,
+        in_chans=1,
+        mean=(0.1,),
+        std=(0.2,),
+        train_subset=100,
+        val_split=0,
+        subset_seed=0,
+        eval_crop_pct=1.0,
+        canvas_size=64,
+        clutter=2,
+        skip_corrupt=False,
+    )
+    augment_cfg = SimpleNamespace(
+        scale=(0.75, 1.0), hflip=0.5, randaugment="", color_jitter=0.0, interpolation="bicubic"
+    )
+    train, test = build_datasets(data_cfg, augment_cfg)
+    assert len(train) == 100 and len(test) == 10_000
+    assert train[0]["image"].shape == test[0]["image"].shape == (1, 64, 64)
+    assert test.clutter == 2 and test.split == "test"

@@ -201,3 +201,35 @@ def test_final_metrics_give_the_last_and_the_best_epoch_per_rule_raw_and_ema(tmp
     assert "best_epoch" in final["note"] and "release" in final["note"]
     log = (run_dir / "train.log").read_text()
     assert "at the last epoch (3), best" in log
+
+
+def test_eval_interval_and_the_official_test_split_beside_a_held_out_validation_split(
+    tmp_path, tiny_run
+):
+    overrides = {
+        "optim.epochs": 3,
+        "train.eval_interval": 2,
+        "train.eval_test": "true",
+        "data.val_split": 8,  # 8 of the 32 synthetic training images held out
+    }
+    assert main(["train", *tiny_run(**overrides)]) == 0
+    run_dir = tmp_path / "run"
+    epochs = _records(run_dir, "epoch")
+    assert [("eval" in r, "test" in r) for r in epochs] == [
+        (False, False),
+        (True, True),
+        (True, True),
+    ]
+    assert epochs[1]["eval"]["images"] == 8  # the held-out split
+    assert epochs[1]["test"]["images"] == 8  # the official split (synthetic: a quarter, min 8)
+    final = json.loads((run_dir / "final_metrics.json").read_text())
+    assert final["test_last_epoch"] == epochs[-1]["test"]
+    assert final["last_epoch"]["cls"] == epochs[-1]["eval"]["cls"]
+    assert {v["epoch"] for v in final["best_epoch"].values() if "epoch" in v} <= {1, 2}
+
+
+def test_eval_test_without_a_held_out_split_is_refused():
+    from cskd.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="train.eval_test=true needs data.val_split"):
+        load_config(None, ["train.eval_test=true"])

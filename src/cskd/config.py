@@ -52,7 +52,9 @@ class TeacherConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "folder"  # folder (ImageNet layout) | fashion_mnist | synthetic
+    dataset: str = (
+        "folder"  # folder (ImageNet layout) | fashion_mnist | translated_fashion_mnist | synthetic
+    )
     root: str = ""  # folder: contains train/ and val/; fashion_mnist: "" = the Debian package
     download: bool = False  # fashion_mnist only: torchvision's downloader when files are missing
     num_classes: int = 1000
@@ -67,6 +69,8 @@ class DataConfig:
     subset_seed: int = 0
     val_split: int = 0  # N > 0: hold out N training images as validation (test set untouched)
     synthetic_size: int = 64
+    canvas_size: int = 64  # translated_fashion_mnist: the canvas the 28 px garment is placed on
+    clutter: int = 0  # translated_fashion_mnist: fragments of other garments on each canvas
     skip_corrupt: bool = False
     eval_crop_pct: float = 0.875
 
@@ -128,6 +132,8 @@ class TrainConfig:
     stop_after_steps: int = 0  # save last.pt and stop after N global steps (0 = run to the end)
     max_steps_per_epoch: int = 0  # 0 = the whole epoch; N = stop each epoch after N steps
     eval_max_batches: int = 0  # 0 = the whole validation set
+    eval_test: bool = False  # with data.val_split > 0: also evaluate the official test split
+    eval_interval: int = 1  # evaluate after every N-th epoch (and always after the last)
     channels_last: bool = False
     compile: bool = False
     dist_backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
@@ -147,7 +153,7 @@ class Config:
 
 CHOICES = {
     "student.inference_rule": INFERENCE_RULES,
-    "data.dataset": ("folder", "fashion_mnist", "synthetic"),
+    "data.dataset": ("folder", "fashion_mnist", "translated_fashion_mnist", "synthetic"),
     "augment.interpolation": ("bicubic", "bilinear", "nearest"),
     "distill.method": METHODS,
     "distill.token_kind": LOSS_KINDS,
@@ -161,7 +167,7 @@ CHOICES = {
 }
 POSITIVE = ("data.num_classes", "data.image_size", "data.in_chans", "data.batch_size")
 POSITIVE += ("optim.lr", "optim.epochs", "optim.lr_batch_reference", "train.log_interval")
-POSITIVE += ("distill.tau", "train.dist_timeout_s")
+POSITIVE += ("distill.tau", "train.dist_timeout_s", "train.eval_interval")
 NON_NEGATIVE = ("data.workers", "data.train_subset", "data.val_split", "optim.weight_decay")
 NON_NEGATIVE += ("optim.warmup_epochs", "optim.clip_grad", "optim.min_lr", "optim.warmup_lr")
 NON_NEGATIVE += (
@@ -292,6 +298,11 @@ def validate(config: Config) -> Config:
             raise ConfigError(f"{key} must lie in [0, 1], got {get_value(config, key)}")
     if config.optim.warmup_epochs > config.optim.epochs:
         raise ConfigError("optim.warmup_epochs must not exceed optim.epochs")
+    if config.train.eval_test and config.data.val_split == 0:
+        raise ConfigError(
+            "train.eval_test=true needs data.val_split > 0 (a held-out validation split): "
+            "without it the validation set already is the official test split"
+        )
     rule = config.train.best_rule.removeprefix("ema/")
     if rule not in INFERENCE_RULES:
         raise ConfigError(

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torchvision
 import torchvision.transforms.functional as TF
@@ -46,6 +47,7 @@ __all__ = [
     "FASHION_MNIST_ROOT",
     "FASHION_MNIST_CLASSES",
     "FashionMNIST",
+    "TranslatedFashionMNIST",
     "SyntheticImages",
     "ImageFolderDataset",
     "SubsetDataset",
@@ -58,6 +60,7 @@ __all__ = [
     "make_sample",
     "split_indices",
     "build_datasets",
+    "build_test_set",
 ]
 
 
@@ -445,6 +448,90 @@ class FashionMNIST(Dataset):
         return make_sample(image, int(self.labels[source]), index, self.transform)
 
 
+class TranslatedFashionMNIST(FashionMNIST):
+    """Fashion-MNIST garments placed on a larger canvas, optionally among clutter.
+
+    Sample ``i`` is its 28 x 28 garment pasted at a random position on a black
+    ``canvas_size`` x ``canvas_size`` canvas (the translated-MNIST construction), plus
+    ``clutter`` fragments (``fragment_size`` px squares cut at random from other garments of the
+    same split, pasted at random positions, pixel-wise maximum; the cluttered-MNIST
+    construction). The label is the placed garment's. Everything is drawn from a generator
+    seeded by (``placement_seed``, split, the image's index in the IDX file), so every run,
+    subset and worker sees the same canvases. Images reach the transform as PIL "L".
+
+    This gives the teacher's dense map what ImageNet photos have and whole-image garments lack:
+    cells that hold the object and cells that hold background or distractors.
+    """
+
+    def __init__(
+        self,
+        *,
+        canvas_size: int = 64,
+        clutter: int = 0,
+        fragment_size: int = 10,
+        placement_seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        side = self.images.shape[-1]
+        if canvas_size < side:
+            raise DataError(
+                f"data.canvas_size={canvas_size} is smaller than the {side} px garments: use "
+                f"{side} or more"
+            )
+        if clutter < 0 or not 0 < fragment_size <= side:
+            raise DataError(
+                f"data.clutter ({clutter}) must be >= 0 and the fragment size ({fragment_size}) "
+                f"in 1..{side}"
+            )
+        self.canvas_size = canvas_size
+        self.clutter = clutter
+        self.fragment_size = fragment_size
+        self.placement_seed = placement_seed
+
+    def placement(self, source: int) -> tuple[int, int]:
+        """(top, left) of the garment of IDX image ``source`` on its canvas."""
+        return self._layout(source)[0]
+
+    def _layout(self, source: int) -> tuple[tuple[int, int], list[tuple[int, int, int, int, int]]]:
+        """The garment's (top, left), and per fragment (donor, donor top, donor left, top, left)."""
+        split_id = 0 if self.split == "train" else 1
+        rng = np.random.default_rng([self.placement_seed, split_id, source])
+        side, fragment = self.images.shape[-1], self.fragment_size
+        free = self.canvas_size - side
+        top, left = (int(v) for v in rng.integers(0, free + 1, size=2))
+        fragments = []
+        for _ in range(self.clutter):
+            donor = int(rng.integers(0, self.images.shape[0] - 1))
+            donor += donor >= source  # never the garment itself
+            donor_top, donor_left = (int(v) for v in rng.integers(0, side - fragment + 1, size=2))
+            at_top, at_left = (
+                int(v) for v in rng.integers(0, self.canvas_size - fragment + 1, size=2)
+            )
+            fragments.append((donor, donor_top, donor_left, at_top, at_left))
+        return (top, left), fragments
+
+    def canvas(self, source: int) -> torch.Tensor:
+        """The uint8 canvas (S, S) of IDX image ``source``."""
+        (top, left), fragments = self._layout(source)
+        side, fragment = self.images.shape[-1], self.fragment_size
+        canvas = torch.zeros(self.canvas_size, self.canvas_size, dtype=torch.uint8)
+        for donor, donor_top, donor_left, at_top, at_left in fragments:
+            piece = self.images[
+                donor, donor_top : donor_top + fragment, donor_left : donor_left + fragment
+            ]
+            region = canvas[at_top : at_top + fragment, at_left : at_left + fragment]
+            torch.maximum(region, piece, out=region)
+        region = canvas[top : top + side, left : left + side]
+        torch.maximum(region, self.images[source], out=region)
+        return canvas
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        source = index if self.indices is None else int(self.indices[index])
+        image = Image.fromarray(self.canvas(source).numpy())
+        return make_sample(image, int(self.labels[source]), index, self.transform)
+
+
 def _check_indices(indices: Sequence[int] | None, *, size: int, what: str) -> torch.Tensor | None:
     if indices is None:
         return None
@@ -748,6 +835,25 @@ def build_datasets(data_cfg: Any, augment_cfg: Any) -> tuple[Dataset, Dataset]:
             )
 
         official_val_split = "test"
+    elif kind == "translated_fashion_mnist":
+        if data_cfg.in_chans != 1:
+            raise DataError(
+                f"Fashion-MNIST images have 1 channel but data.in_chans={data_cfg.in_chans}: "
+                "set data.in_chans=1"
+            )
+        root = data_cfg.root or FASHION_MNIST_ROOT
+
+        def make(split: str, transform: Transform) -> Dataset:
+            return TranslatedFashionMNIST(
+                root=root,
+                split=split,
+                transform=transform,
+                download=data_cfg.download,
+                canvas_size=data_cfg.canvas_size,
+                clutter=data_cfg.clutter,
+            )
+
+        official_val_split = "test"
     elif kind == "folder":
         if not data_cfg.root:
             raise DataError("data.dataset=folder needs data.root (the folder with train/, val/)")
@@ -784,7 +890,8 @@ def build_datasets(data_cfg: Any, augment_cfg: Any) -> tuple[Dataset, Dataset]:
         official_val_split = "val"
     else:
         raise DataError(
-            f"unknown data.dataset={kind!r}: use 'folder', 'fashion_mnist' or 'synthetic'"
+            f"unknown data.dataset={kind!r}: use 'folder', 'fashion_mnist', "
+            "'translated_fashion_mnist' or 'synthetic'"
         )
 
     full_train = make("train", train_transform)
@@ -811,3 +918,12 @@ def build_datasets(data_cfg: Any, augment_cfg: Any) -> tuple[Dataset, Dataset]:
         held_out.transform = eval_transform
         val = SubsetDataset(dataset=held_out, indices=val_indices)
     return train, val
+
+
+def build_test_set(data_cfg: Any, augment_cfg: Any) -> Dataset:
+    """The official test (or val) split through :class:`EvalTransform`: what
+    :func:`build_datasets` gives as validation set when ``data.val_split`` is 0. For runs that
+    make their choices on a held-out split and report on the official one."""
+    official = copy.copy(data_cfg)
+    official.val_split, official.train_subset = 0, 0
+    return build_datasets(official, augment_cfg)[1]

@@ -59,11 +59,12 @@ _IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 def check_data_source(data: DataConfig) -> None:
     """Refuse a missing or empty ``data.root`` with one line saying what should be there."""
-    if data.dataset == "synthetic" or (data.dataset == "fashion_mnist" and not data.root):
+    fashion = data.dataset in ("fashion_mnist", "translated_fashion_mnist")
+    if data.dataset == "synthetic" or (fashion and not data.root):
         return
     root = Path(data.root)
     layout = f"{root}/train/<class>/<image> and {root}/val/<class>/<image>"
-    if data.dataset == "fashion_mnist":
+    if fashion:
         layout = f"the Fashion-MNIST *-ubyte.gz files in {root}"
         if data.download:
             return

@@ -34,7 +34,7 @@ from .checkpoint import (
     save_safetensors_atomic,
 )
 from .config import Config, ConfigError, apply_overrides, dump_config, from_dict, to_dict
-from .data import build_datasets
+from .data import build_datasets, build_test_set
 from .engine import Distiller, Trainer, TrainState, evaluate, normalizer
 from .losses import ObjectiveWeights
 from .models import DenseTeacher, load_teacher, rules_for, wrap_student
@@ -374,6 +374,18 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
         pin_memory=device.type == "cuda",
     )
 
+    test_loader = None
+    if config.train.eval_test:  # reported, never used for a choice (best.pt follows val)
+        test_set = distributed.together(build_test_set, config.data, config.augment)
+        test_loader = eval_loader(
+            test_set,
+            batch_size=config.data.eval_batch_size or 2 * batch_size,
+            workers=config.data.workers,
+            rank=info.rank,
+            world_size=info.world_size,
+            pin_memory=device.type == "cuda",
+        )
+
     student = build_student(config).to(device)
     teacher = distributed.together(build_teacher, config)
     if teacher is not None:
@@ -499,6 +511,7 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
     )
     rules = rules_for(student)
     final: dict = {}
+    test: dict | None = None
     while state.epoch < config.optim.epochs:
         sampler.set_epoch(state.epoch, start=state.step_in_epoch * batch_size)
         loader = train_loader(
@@ -515,16 +528,29 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
             log.info(f"stop requested: saved {run_dir / 'last.pt'} at step {state.global_step}")
             metrics_writer.close()
             return final
-        final = _evaluate_all(student, ema, val_loader, rules, device, student_norm, dtype, config)
-        update_best(state.best, final, epoch=state.epoch)
+        evaluated = (state.epoch + 1) % config.train.eval_interval == 0 or (
+            state.epoch + 1 == config.optim.epochs
+        )
         record = {"type": "epoch", "epoch": state.epoch, "step": state.global_step}
-        record.update(train=train_means, eval=final)
+        record["train"] = train_means
+        if evaluated:
+            final = _evaluate_all(
+                student, ema, val_loader, rules, device, student_norm, dtype, config
+            )
+            update_best(state.best, final, epoch=state.epoch)
+            record["eval"] = final
+            if test_loader is not None:
+                test = _evaluate_all(
+                    student, ema, test_loader, rules, device, student_norm, dtype, config
+                )
+                record["test"] = test
         metrics_writer.write(record)
-        log.info(_summary(state.epoch, config.optim.epochs, train_means, final))
+        log.info(
+            _summary(state.epoch, config.optim.epochs, train_means, final if evaluated else {})
+        )
         state.epoch, state.step_in_epoch = state.epoch + 1, 0
-        best_value = _metric(final, config.train.best_rule)
-        if best_value > state.best_metric:
-            state.best_metric = best_value
+        if evaluated and _metric(final, config.train.best_rule) > state.best_metric:
+            state.best_metric = _metric(final, config.train.best_rule)
             save("best.pt")
         save("last.pt")
         if stopping:
@@ -534,11 +560,15 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
 
     if not final:  # resumed after the last epoch (killed while writing the outputs)
         final = _evaluate_all(student, ema, val_loader, rules, device, student_norm, dtype, config)
+        if test_loader is not None:
+            test = _evaluate_all(
+                student, ema, test_loader, rules, device, student_norm, dtype, config
+            )
     if info.is_main:
         save_safetensors_atomic(student.state_dict(), run_dir / "student.safetensors")
         if ema is not None:
             save_safetensors_atomic(ema.module.state_dict(), run_dir / "student_ema.safetensors")
-        summary = final_summary(final, state.best, last_epoch=config.optim.epochs - 1)
+        summary = final_summary(final, state.best, last_epoch=config.optim.epochs - 1, test=test)
         (run_dir / "final_metrics.json").write_text(json.dumps(summary, indent=2))
         log.info(_final_line(summary, config.train.best_rule))
     metrics_writer.close()
@@ -557,10 +587,11 @@ def update_best(best: dict, metrics: dict, *, epoch: int) -> None:
             best[rule] = {"top1": values["top1"], "top5": values["top5"], "epoch": epoch}
 
 
-def final_summary(last: dict, best: dict, *, last_epoch: int) -> dict:
+def final_summary(last: dict, best: dict, *, last_epoch: int, test: dict | None = None) -> dict:
     """What ``final_metrics.json`` holds: the last epoch's metrics (what this project reports)
-    and each rule's best epoch (what the CSKD release reports), raw and EMA."""
-    return {
+    and each rule's best epoch (what the CSKD release reports), raw and EMA; with
+    ``train.eval_test`` also the official test split's metrics at the last epoch."""
+    summary = {
         "last_epoch": {"epoch": last_epoch, **last},
         "best_epoch": best,
         "note": (
@@ -569,6 +600,9 @@ def final_summary(last: dict, best: dict, *, last_epoch: int) -> dict:
             "release reports; a choice made on the validation set)"
         ),
     }
+    if test is not None:
+        summary["test_last_epoch"] = test
+    return summary
 
 
 def _final_line(summary: dict, rule: str) -> str:
@@ -606,6 +640,7 @@ def _metric(metrics: dict, rule: str) -> float:
 
 
 def _summary(epoch: int, epochs: int, train_means: dict, metrics: dict) -> str:
+    """The epoch's log line; ``metrics`` is empty for an epoch that was not evaluated."""
     rules = [key for key in metrics if key not in ("images", "ema")]
     shown = " ".join(f"{rule} {metrics[rule]['top1']:.2f}" for rule in rules)
     if "ema" in metrics:
@@ -614,7 +649,7 @@ def _summary(epoch: int, epochs: int, train_means: dict, metrics: dict) -> str:
         )
     return (
         f"epoch {epoch + 1}/{epochs} loss {train_means.get('loss', float('nan')):.4f} "
-        f"({train_means['epoch_time_s']:.0f}s) | top-1 {shown}"
+        f"({train_means['epoch_time_s']:.0f}s)" + (f" | top-1 {shown}" if metrics else "")
     )
 
 
