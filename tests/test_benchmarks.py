@@ -104,3 +104,30 @@ def test_teacher_precision_compares_every_precision_with_fp32(tmp_path, one_thre
         "python benchmarks/teacher_precision.py --checkpoint"
         in output.with_suffix(".md").read_text()
     )
+
+
+@pytest.mark.parametrize("regime", ["long", "translated"])
+def test_regimes_quick_trains_every_method_and_reports_paired_differences(
+    tmp_path, one_thread, regime
+):
+    script = load_script("regimes")
+    arguments = ["--regime", regime, "--quick", "--output-dir", str(tmp_path / "runs")]
+    arguments += ["--results-dir", str(tmp_path)]
+    assert script.main([*arguments, *one_thread]) == 0
+    name = f"regime_{regime}_quick"
+    results = json.loads((tmp_path / f"{name}.json").read_text())
+    expected = {"teacher"} | {script.run_key(label, 0) for label in script.METHODS}
+    assert set(results["runs"]) == expected
+    for entry in results["runs"].values():
+        assert set(entry["test"]) <= set(script.RULES) and "cls" in entry["test"]
+        assert set(entry["val"]) <= set(script.RULES) and entry["curve"][-1]["test"]
+    config = json.loads((tmp_path / f"{name}.json").read_text())["runs"]["cskd-linear-seed0"]
+    size = 64 if regime == "translated" else 32
+    assert (f"data.image_size={size}" in config["overrides"]) == (regime == "translated")
+    page = (tmp_path / f"{name}.md").read_text()
+    assert "## Prediction (written before the runs)" in page
+    assert "| CSKD (cls+dist+patch) - DeiT (cls+dist) | 1 |" in page
+    assert (tmp_path / f"{name}.png").stat().st_size > 1000
+    # a second start skips every finished run and rewrites the same report
+    assert script.main([*arguments, *one_thread]) == 0
+    assert json.loads((tmp_path / f"{name}.json").read_text()) == results
