@@ -34,6 +34,13 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--config", help="YAML recipe (default: the checkpoint's own config)")
     evaluate.add_argument("--checkpoint", required=True)
     evaluate.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    diagnose = commands.add_parser(
+        "diagnose", help="teacher-map, student-agreement and attention diagnostics of a run"
+    )
+    diagnose.add_argument("run_dir", help="a run directory (holds config.yaml and last.pt)")
+    diagnose.add_argument("--checkpoint", default="last.pt", help="file in the run directory")
+    diagnose.add_argument("--images", type=int, default=256, help="validation images measured")
+    diagnose.add_argument("overrides", nargs="*", help="section.key=value overrides")
     demo = commands.add_parser("demo", help="the Fashion-MNIST demo: teacher, then students")
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("--quick", action="store_true", help="a few steps of each run (tests)")
@@ -54,6 +61,16 @@ def main(argv: list[str] | None = None) -> int:
             metrics = evaluate_checkpoint(config, args.checkpoint)
             if _rank() == 0:
                 print(json.dumps(metrics, indent=2))
+        elif args.command == "diagnose":
+            from .diagnose import diagnose_run
+
+            result = diagnose_run(
+                args.run_dir,
+                checkpoint=args.checkpoint,
+                images=args.images,
+                overrides=args.overrides,
+            )
+            print(json.dumps(result["final"], indent=2))
         elif args.command == "demo":
             from .demo import run_demo
 

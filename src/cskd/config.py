@@ -134,6 +134,8 @@ class TrainConfig:
     eval_max_batches: int = 0  # 0 = the whole validation set
     eval_test: bool = False  # with data.val_split > 0: also evaluate the official test split
     eval_interval: int = 1  # evaluate after every N-th epoch (and always after the last)
+    diagnostics: bool = False  # log teacher-map, student-agreement and attention diagnostics
+    diagnostics_images: int = 256  # validation images the diagnostics are measured on
     channels_last: bool = False
     compile: bool = False
     dist_backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
@@ -168,6 +170,7 @@ CHOICES = {
 POSITIVE = ("data.num_classes", "data.image_size", "data.in_chans", "data.batch_size")
 POSITIVE += ("optim.lr", "optim.epochs", "optim.lr_batch_reference", "train.log_interval")
 POSITIVE += ("distill.tau", "train.dist_timeout_s", "train.eval_interval")
+POSITIVE += ("train.diagnostics_images",)
 NON_NEGATIVE = ("data.workers", "data.train_subset", "data.val_split", "optim.weight_decay")
 NON_NEGATIVE += ("optim.warmup_epochs", "optim.clip_grad", "optim.min_lr", "optim.warmup_lr")
 NON_NEGATIVE += (

@@ -61,6 +61,7 @@ __all__ = [
     "split_indices",
     "build_datasets",
     "build_test_set",
+    "object_mask",
 ]
 
 
@@ -530,6 +531,23 @@ class TranslatedFashionMNIST(FashionMNIST):
         source = index if self.indices is None else int(self.indices[index])
         image = Image.fromarray(self.canvas(source).numpy())
         return make_sample(image, int(self.labels[source]), index, self.transform)
+
+    def object_mask(self, index: int) -> torch.Tensor:
+        """Bool (S, S) on the canvas: the pixels of sample ``index``'s own garment (not clutter)."""
+        source = index if self.indices is None else int(self.indices[index])
+        (top, left), _ = self._layout(source)
+        side = self.images.shape[-1]
+        mask = torch.zeros(self.canvas_size, self.canvas_size, dtype=torch.bool)
+        mask[top : top + side, left : left + side] = self.images[source] > 25  # 10% of 255
+        return mask
+
+
+def object_mask(dataset: Dataset, index: int) -> torch.Tensor | None:
+    """The object's pixel mask for ``dataset[index]`` (through :class:`SubsetDataset`), or None
+    for datasets that do not know where their object is."""
+    while isinstance(dataset, SubsetDataset):
+        dataset, index = dataset.dataset, int(dataset.indices[index])
+    return dataset.object_mask(index) if hasattr(dataset, "object_mask") else None
 
 
 def _check_indices(indices: Sequence[int] | None, *, size: int, what: str) -> torch.Tensor | None:

@@ -25,7 +25,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
-from . import distributed, preflight
+from . import diagnostics, distributed, preflight
 from .checkpoint import (
     CheckpointError,
     read_file,
@@ -40,6 +40,7 @@ from .losses import ObjectiveWeights
 from .models import DenseTeacher, load_teacher, rules_for, wrap_student
 from .runlog import MetricsWriter, setup_logging, truncate_after
 from .sampling import EpochSampler, eval_loader, resume_step, sample_seed, train_loader
+from .schedules import training_progress
 
 log = logging.getLogger("cskd")
 CHECKPOINT_KEYS = ("student", "optimizer", "scheduler", "state", "rng", "config")
@@ -512,6 +513,15 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
     rules = rules_for(student)
     final: dict = {}
     test: dict | None = None
+    probe = None
+    if config.train.diagnostics and info.is_main:
+        probe = diagnostics.Probe(
+            val_set,
+            count=config.train.diagnostics_images,
+            student_norm=student_norm,
+            teacher_norm=teacher_norm,
+            schedule=config.distill.schedule,
+        )
     while state.epoch < config.optim.epochs:
         sampler.set_epoch(state.epoch, start=state.step_in_epoch * batch_size)
         loader = train_loader(
@@ -544,6 +554,15 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
                     student, ema, test_loader, rules, device, student_norm, dtype, config
                 )
                 record["test"] = test
+            if probe is not None:  # a(t) of the epoch just trained
+                progress = training_progress(
+                    epoch=state.epoch,
+                    step_in_epoch=0,
+                    steps_per_epoch=steps_per_epoch,
+                    epochs=config.optim.epochs,
+                    unit=config.distill.progress,
+                )
+                record["diagnostics"] = probe.measure(student, teacher, progress=progress)
         metrics_writer.write(record)
         log.info(
             _summary(state.epoch, config.optim.epochs, train_means, final if evaluated else {})
