@@ -131,3 +131,23 @@ def test_regimes_quick_trains_every_method_and_reports_paired_differences(
     # a second start skips every finished run and rewrites the same report
     assert script.main([*arguments, *one_thread]) == 0
     assert json.loads((tmp_path / f"{name}.json").read_text()) == results
+
+
+def test_epoch_time_runs_old_and_new_seeding_side_by_side(tmp_path, one_thread):
+    import timm
+
+    script = load_script("epoch_time")
+    torch.manual_seed(0)
+    teacher = timm.create_model(
+        "resnet18", num_classes=10, in_chans=1, channels=[16, 32, 64, 128], output_stride=8
+    )
+    torch.save(teacher.state_dict(), tmp_path / "teacher.pth")
+    output = tmp_path / "epoch_time"
+    arguments = ["--teacher", str(tmp_path / "teacher.pth"), "--repeats", "1", "--steps", "2"]
+    assert script.main([*arguments, "--eval-batches", "1", "--output", str(output)]) == 0
+    page = output.with_suffix(".md").read_text()
+    assert "| before seeding |" in page and "| after seeding |" in page
+    # the legacy path is restored afterwards: the sampler seeds the CPU generator only again
+    from cskd import sampling
+
+    assert "default_generator" in sampling.SeededSamples.__getitem__.__code__.co_names
