@@ -14,6 +14,7 @@ import random
 import shutil
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -108,8 +109,8 @@ def check_lr_schedule(config: Config, global_batch: int) -> float:
     if config.optim.min_lr >= lr:
         raise ConfigError(
             f"optim.min_lr={config.optim.min_lr:g} is not below {shown}, so the cosine schedule "
-            "would rise instead of decay: lower optim.min_lr (e.g. to a hundredth of the peak) "
-            "or raise optim.lr"
+            "would rise instead of decay: lower optim.min_lr (e.g. to a hundredth of the peak), "
+            "or raise optim.lr (or lower optim.lr_batch_reference)"
         )
     if config.optim.warmup_epochs and config.optim.warmup_lr > lr:
         raise ConfigError(
@@ -138,6 +139,23 @@ def build_optimization(
         updates_per_epoch=steps_per_epoch,
     )
     return optimizer, scheduler
+
+
+def build_eval_loaders(config: Config, val_set, info: distributed.DistributedInfo):
+    """The validation loader, and with ``train.eval_test`` the official test split's (else
+    None): every image once over all ranks."""
+    common = dict(
+        batch_size=config.data.eval_batch_size or 2 * config.data.batch_size,
+        workers=config.data.workers,
+        rank=info.rank,
+        world_size=info.world_size,
+        pin_memory=info.device.type == "cuda",
+    )
+    test_loader = None
+    if config.train.eval_test:
+        test_set = distributed.together(build_test_set, config.data, config.augment)
+        test_loader = eval_loader(test_set, **common)
+    return eval_loader(val_set, **common), test_loader
 
 
 def build_batch_augmentation(config: Config, device: torch.device):
@@ -366,26 +384,7 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
         raise ConfigError(
             f"data.batch_size {batch_size} exceeds the {len(sampler)} training samples per process"
         )
-    val_loader = eval_loader(
-        val_set,
-        batch_size=config.data.eval_batch_size or 2 * batch_size,
-        workers=config.data.workers,
-        rank=info.rank,
-        world_size=info.world_size,
-        pin_memory=device.type == "cuda",
-    )
-
-    test_loader = None
-    if config.train.eval_test:  # reported, never used for a choice (best.pt follows val)
-        test_set = distributed.together(build_test_set, config.data, config.augment)
-        test_loader = eval_loader(
-            test_set,
-            batch_size=config.data.eval_batch_size or 2 * batch_size,
-            workers=config.data.workers,
-            rank=info.rank,
-            world_size=info.world_size,
-            pin_memory=device.type == "cuda",
-        )
+    val_loader, test_loader = build_eval_loaders(config, val_set, info)
 
     student = build_student(config).to(device)
     teacher = distributed.together(build_teacher, config)
@@ -430,33 +429,19 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
         is_main=info.is_main,
     )
 
-    state = TrainState()
     source, checkpoint = distributed.together(resume_checkpoint, config, run_dir)
+    state = TrainState()
     if checkpoint is not None:
-        preflight.check_resume(checkpoint, path=source, config=config, student=student, ema=ema)
-        student.load_state_dict(checkpoint["student"])
-        if ema is not None and checkpoint.get("ema") is not None:
-            ema.module.load_state_dict(checkpoint["ema"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if scaler is not None and checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
-        state = TrainState(**checkpoint["state"])
-        saved_batch = checkpoint.get("global_batch", global_batch)
-        if saved_batch == global_batch:
-            scheduler.load_state_dict(checkpoint["scheduler"])
-        else:  # another world size or batch: the schedule is rebuilt, the epoch's images kept
-            state.step_in_epoch = resume_step(
-                state.step_in_epoch, saved_global_batch=saved_batch, global_batch=global_batch
-            )
-            log.info(
-                f"global batch {saved_batch} -> {global_batch}: epoch {state.epoch} resumes at "
-                f"step {state.step_in_epoch} of {steps_per_epoch}"
-            )
-        set_rng_state(checkpoint["rng"])
-        if info.rank:  # the checkpoint holds rank 0's random streams; the others start new ones
-            seed_everything(sample_seed(config.train.seed, state.global_step, info.rank, 2**32 - 2))
-        scheduler.step_update(num_updates=state.epoch * steps_per_epoch + state.step_in_epoch)
-        log.info(f"resumed from {source} at epoch {state.epoch} step {state.global_step}")
+        state = restore(
+            checkpoint,
+            source=source,
+            config=config,
+            rank=info.rank,
+            models=(student, ema),
+            optimization=(optimizer, scheduler, scaler),
+            global_batch=global_batch,
+            steps_per_epoch=steps_per_epoch,
+        )
     if info.is_main:  # drop what a killed run logged after its last checkpoint (all, if none)
         truncate_after(run_dir / "metrics.jsonl", state.global_step, completed_epochs=state.epoch)
 
@@ -510,18 +495,28 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
         on_checkpoint=lambda: save("last.pt"),
         checkpoint_interval=config.train.checkpoint_interval,
     )
-    rules = rules_for(student)
-    final: dict = {}
-    test: dict | None = None
-    probe = None
-    if config.train.diagnostics and info.is_main:
-        probe = diagnostics.Probe(
+    evaluation = EpochEvaluation(
+        config=config,
+        student=student,
+        ema=ema,
+        teacher=teacher,
+        loaders=(val_loader, test_loader),
+        device=device,
+        student_norm=student_norm,
+        amp_dtype=dtype,
+        steps_per_epoch=steps_per_epoch,
+        probe=diagnostics.Probe(
             val_set,
             count=config.train.diagnostics_images,
             student_norm=student_norm,
             teacher_norm=teacher_norm,
             schedule=config.distill.schedule,
         )
+        if config.train.diagnostics and info.is_main
+        else None,
+    )
+    final: dict = {}
+    test: dict | None = None
     while state.epoch < config.optim.epochs:
         sampler.set_epoch(state.epoch, start=state.step_in_epoch * batch_size)
         loader = train_loader(
@@ -544,25 +539,9 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
         record = {"type": "epoch", "epoch": state.epoch, "step": state.global_step}
         record["train"] = train_means
         if evaluated:
-            final = _evaluate_all(
-                student, ema, val_loader, rules, device, student_norm, dtype, config
-            )
+            record.update(evaluation.run(epoch=state.epoch))
+            final, test = record["eval"], record.get("test")
             update_best(state.best, final, epoch=state.epoch)
-            record["eval"] = final
-            if test_loader is not None:
-                test = _evaluate_all(
-                    student, ema, test_loader, rules, device, student_norm, dtype, config
-                )
-                record["test"] = test
-            if probe is not None:  # a(t) of the epoch just trained
-                progress = training_progress(
-                    epoch=state.epoch,
-                    step_in_epoch=0,
-                    steps_per_epoch=steps_per_epoch,
-                    epochs=config.optim.epochs,
-                    unit=config.distill.progress,
-                )
-                record["diagnostics"] = probe.measure(student, teacher, progress=progress)
         metrics_writer.write(record)
         log.info(
             _summary(state.epoch, config.optim.epochs, train_means, final if evaluated else {})
@@ -578,20 +557,115 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
             return final
 
     if not final:  # resumed after the last epoch (killed while writing the outputs)
-        final = _evaluate_all(student, ema, val_loader, rules, device, student_norm, dtype, config)
-        if test_loader is not None:
-            test = _evaluate_all(
-                student, ema, test_loader, rules, device, student_norm, dtype, config
-            )
+        measured = evaluation.run(epoch=state.epoch - 1, with_diagnostics=False)
+        final, test = measured["eval"], measured.get("test")
     if info.is_main:
-        save_safetensors_atomic(student.state_dict(), run_dir / "student.safetensors")
-        if ema is not None:
-            save_safetensors_atomic(ema.module.state_dict(), run_dir / "student_ema.safetensors")
-        summary = final_summary(final, state.best, last_epoch=config.optim.epochs - 1, test=test)
-        (run_dir / "final_metrics.json").write_text(json.dumps(summary, indent=2))
-        log.info(_final_line(summary, config.train.best_rule))
+        write_final_outputs(
+            run_dir, config, student=student, ema=ema, state=state, last=final, test=test
+        )
     metrics_writer.close()
     return final
+
+
+def restore(
+    checkpoint: dict,
+    *,
+    source: Path,
+    config: Config,
+    rank: int,
+    models: tuple,
+    optimization: tuple,
+    global_batch: int,
+    steps_per_epoch: int,
+) -> TrainState:
+    """Load a training checkpoint into the built student and EMA ``models`` and the optimizer,
+    scheduler and scaler of ``optimization``; returns the state to continue from. With another
+    global batch the epoch resumes at the step covering the same images and the schedule is
+    rebuilt; the random streams are rank 0's, other ranks start new ones."""
+    student, ema = models
+    optimizer, scheduler, scaler = optimization
+    preflight.check_resume(checkpoint, path=source, config=config, student=student, ema=ema)
+    student.load_state_dict(checkpoint["student"])
+    if ema is not None and checkpoint.get("ema") is not None:
+        ema.module.load_state_dict(checkpoint["ema"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if scaler is not None and checkpoint.get("scaler"):
+        scaler.load_state_dict(checkpoint["scaler"])
+    state = TrainState(**checkpoint["state"])
+    saved_batch = checkpoint.get("global_batch", global_batch)
+    if saved_batch == global_batch:
+        scheduler.load_state_dict(checkpoint["scheduler"])
+    else:  # another world size or batch: the schedule is rebuilt, the epoch's images kept
+        state.step_in_epoch = resume_step(
+            state.step_in_epoch, saved_global_batch=saved_batch, global_batch=global_batch
+        )
+        log.info(
+            f"global batch {saved_batch} -> {global_batch}: epoch {state.epoch} resumes at "
+            f"step {state.step_in_epoch} of {steps_per_epoch}"
+        )
+    set_rng_state(checkpoint["rng"])
+    if rank:  # the checkpoint holds rank 0's random streams; the others start new ones
+        seed_everything(sample_seed(config.train.seed, state.global_step, rank, 2**32 - 2))
+    scheduler.step_update(num_updates=state.epoch * steps_per_epoch + state.step_in_epoch)
+    log.info(f"resumed from {source} at epoch {state.epoch} step {state.global_step}")
+    return state
+
+
+@dataclass
+class EpochEvaluation:
+    """What is measured after an evaluated epoch: every rule (and the EMA) on the validation
+    set, on the official test set with ``train.eval_test``, and the diagnostics probe."""
+
+    config: Config
+    student: torch.nn.Module
+    ema: ModelEmaV3 | None
+    teacher: DenseTeacher | None
+    loaders: tuple  # (validation, test or None)
+    device: torch.device
+    student_norm: tuple[torch.Tensor, torch.Tensor]
+    amp_dtype: torch.dtype | None
+    steps_per_epoch: int
+    probe: diagnostics.Probe | None = None
+
+    def run(self, *, epoch: int, with_diagnostics: bool = True) -> dict:
+        """``{"eval": ..., "test": ... (optional), "diagnostics": ... (optional)}``."""
+        val_loader, test_loader = self.loaders
+        measure = dict(
+            student=self.student,
+            ema=self.ema,
+            rules=rules_for(self.student),
+            device=self.device,
+            norm=self.student_norm,
+            dtype=self.amp_dtype,
+            config=self.config,
+        )
+        result = {"eval": _evaluate_all(loader=val_loader, **measure)}
+        if test_loader is not None:  # reported, never used for a choice (best.pt follows val)
+            result["test"] = _evaluate_all(loader=test_loader, **measure)
+        if self.probe is not None and with_diagnostics:  # a(t) of the epoch just trained
+            progress = training_progress(
+                epoch=epoch,
+                step_in_epoch=0,
+                steps_per_epoch=self.steps_per_epoch,
+                epochs=self.config.optim.epochs,
+                unit=self.config.distill.progress,
+            )
+            result["diagnostics"] = self.probe.measure(
+                self.student, self.teacher, progress=progress
+            )
+        return result
+
+
+def write_final_outputs(
+    run_dir: Path, config: Config, *, student, ema, state: TrainState, last: dict, test: dict | None
+) -> None:
+    """``student.safetensors`` (and the EMA's), ``final_metrics.json`` and the summary line."""
+    save_safetensors_atomic(student.state_dict(), run_dir / "student.safetensors")
+    if ema is not None:
+        save_safetensors_atomic(ema.module.state_dict(), run_dir / "student_ema.safetensors")
+    summary = final_summary(last, state.best, last_epoch=config.optim.epochs - 1, test=test)
+    (run_dir / "final_metrics.json").write_text(json.dumps(summary, indent=2))
+    log.info(_final_line(summary, config.train.best_rule))
 
 
 def update_best(best: dict, metrics: dict, *, epoch: int) -> None:
@@ -616,7 +690,8 @@ def final_summary(last: dict, best: dict, *, last_epoch: int, test: dict | None 
         "note": (
             "last_epoch: every rule at the end of training (the weights in student.safetensors); "
             "best_epoch: per rule, the epoch with the highest validation top-1 (what the CSKD "
-            "release reports; a choice made on the validation set)"
+            "release reports; a choice made on the validation set). Epochs count from 0 "
+            "here, from 1 in train.log"
         ),
     }
     if test is not None:
