@@ -413,6 +413,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results-dir", default="docs/results", help="JSON, Markdown and PNG")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the report")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        help="key=value added to every run (e.g. train.device=cuda, data.root=DIR); repeatable",
+    )
     arguments = parser.parse_args(argv)
     if arguments.threads:
         torch.set_num_threads(arguments.threads)
@@ -426,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not arguments.report_only:
         teacher_dir = output_dir / "teacher"
-        teacher_overrides = regime.teacher_overrides(quick=quick)
+        teacher_overrides = [*regime.teacher_overrides(quick=quick), *arguments.override]
         while not run_one(
             recipe=RECIPES / "teacher.yaml",
             overrides=teacher_overrides,
@@ -442,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
                 recipe=RECIPES / "cskd.yaml",
                 overrides=[
                     *regime.student_overrides(quick=quick),
+                    *arguments.override,
                     *method_overrides,
                     f"teacher.checkpoint={checkpoint}",
                     f"train.seed={seed}",

@@ -151,3 +151,37 @@ def test_epoch_time_runs_old_and_new_seeding_side_by_side(tmp_path, one_thread):
     from cskd import sampling
 
     assert "default_generator" in sampling.SeededSamples.__getitem__.__code__.co_names
+
+
+def test_gpu_study_script_quick_mode_runs_every_run_of_the_full_regime_on_the_cpu(tmp_path):
+    import os
+    import subprocess
+
+    from cskd.data import FASHION_MNIST_ROOT
+
+    script = BENCHMARKS / "gpu_study.sh"
+    environment = dict(
+        os.environ,
+        QUICK="1",
+        WORKERS="2",
+        PYTHON=sys.executable,
+        OUTPUT_DIR=str(tmp_path / "runs"),
+        LOG_DIR=str(tmp_path),
+    )
+    result = subprocess.run(
+        ["bash", str(script), FASHION_MNIST_ROOT, str(tmp_path)],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr + "".join(
+        path.read_text()[-2000:] for path in tmp_path.glob("gpu_study_worker*.log")
+    )
+    results = json.loads((tmp_path / "regime_full_quick.json").read_text())
+    assert len(results["runs"]) == 1 + 4  # the teacher, then every method once in quick mode
+    assert "data.root=" + FASHION_MNIST_ROOT in results["runs"]["deit-seed0"]["overrides"]
+    missing = subprocess.run(
+        ["bash", str(script), str(tmp_path / "nowhere")], capture_output=True, text=True
+    )
+    assert missing.returncode == 2 and "Fashion-MNIST IDX files" in missing.stderr
