@@ -231,6 +231,7 @@ def test_output_directory_holding_another_run(tmp_path, tiny_run, capsys):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text("data: {}\n")
+    (run_dir / "best.pt").write_bytes(b"a checkpoint of another run")  # results to lose
     line = refused(tiny_run(), capsys)
     assert line == (
         f"train.output_dir {run_dir} already holds a run: pass train.resume=auto to continue it, "

@@ -236,9 +236,17 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
 
 
 def _merge(base: dict, update: dict) -> dict:
+    """``update`` over ``base``, mappings merged key by key at every depth (a one-key override
+    such as ``student.kwargs.img_size=48`` keeps the other kwargs). One named exception: when
+    the same update also names another model (``name``), its ``kwargs`` replace the old ones,
+    since keyword arguments belong to the model they were written for (``cskd.yaml`` turns the
+    teacher recipe's CNN student into a ViT)."""
     merged = dict(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "kwargs":
+        new_model = key == "kwargs" and update.get("name", base.get("name")) != base.get("name")
+        if value is _CLEAR:
+            merged.pop(key, None)
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict) and not new_model:
             merged[key] = _merge(merged[key], value)
         else:
             merged[key] = value
@@ -275,13 +283,29 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """Apply ``key.path=value`` overrides in order. ``student.kwargs.depth=3`` sets one keyword
+    argument and keeps the others; ``student.kwargs={...}`` (a whole mapping for a ``kwargs``
+    key) replaces them all, as written."""
     for text in overrides:
         keys, value = parse_override(text)
         update: dict = {keys[-1]: value}
         for key in reversed(keys[:-1]):
             update = {key: update}
+        if keys[-1] == "kwargs" and isinstance(value, dict):
+            values = _merge(values, _without(update, keys))  # drop the old mapping first
         values = _merge(values, update)
     return values
+
+
+def _without(update: dict, keys: list[str]) -> dict:
+    """``update`` with the mapping at ``keys`` emptied (so that merging it clears that key)."""
+    cleared: dict = {keys[-1]: _CLEAR}
+    for key in reversed(keys[:-1]):
+        cleared = {key: cleared}
+    return cleared
+
+
+_CLEAR = object()  # merged in place of a mapping, removes it
 
 
 def validate(config: Config) -> Config:
@@ -301,6 +325,8 @@ def validate(config: Config) -> Config:
             raise ConfigError(f"{key} must lie in [0, 1], got {get_value(config, key)}")
     if config.optim.warmup_epochs > config.optim.epochs:
         raise ConfigError("optim.warmup_epochs must not exceed optim.epochs")
+    for section in ("student", "teacher"):
+        _check_kwargs(section, get_value(config, f"{section}.kwargs"))
     if config.train.eval_test and config.data.val_split == 0:
         raise ConfigError(
             "train.eval_test=true needs data.val_split > 0 (a held-out validation split): "
@@ -322,6 +348,28 @@ def validate(config: Config) -> Config:
     if len(config.teacher.mean) != len(config.teacher.std):
         raise ConfigError("teacher.mean and teacher.std must have the same length")
     return config
+
+
+RESERVED_KWARGS = {  # (section, key) -> where the value comes from instead
+    ("student", "num_classes"): "the class count comes from data.num_classes",
+    ("teacher", "num_classes"): "the class count comes from data.num_classes (a teacher of "
+    "other classes must be refit first)",
+    ("student", "in_chans"): "the input channels come from data.in_chans",
+    ("student", "pretrained"): "weights are not loaded through kwargs (students start from "
+    "random weights)",
+    ("teacher", "pretrained"): "set teacher.pretrained_tag (a timm tag) or teacher.checkpoint",
+    ("student", "drop_path_rate"): "set student.drop_path",
+}
+
+
+def _check_kwargs(section: str, kwargs: dict) -> None:
+    """Refuse model keyword arguments that the library sets itself from other keys."""
+    for key in kwargs:
+        if (section, key) in RESERVED_KWARGS:
+            raise ConfigError(
+                f"{section}.kwargs.{key}: {RESERVED_KWARGS[section, key]}; remove it from "
+                f"{section}.kwargs"
+            )
 
 
 def get_value(config: Config, key: str) -> Any:

@@ -636,9 +636,46 @@ class SyntheticImages(Dataset):
 _IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
+_HIGH_BIT_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
 def _load_rgb(path: str) -> Image.Image:
+    """Read an image as 8-bit RGB. 16-bit greyscale (PNG mode ``I;16``, or ``I``) is scaled
+    from 0..65535 to 0..255 first: Pillow's own conversion clips it, making it almost white."""
     with Image.open(path) as image:
+        if image.mode in _HIGH_BIT_DEPTH:
+            levels = np.asarray(image, dtype=np.float64) / 257.0  # 65535 -> 255
+            levels = np.clip(levels, 0, 255).round().astype(np.uint8)
+            return Image.fromarray(levels).convert("RGB")
         return image.convert("RGB")
+
+
+def _visible(name: str) -> bool:
+    """Hidden entries (``.ipynb_checkpoints``, ``.DS_Store``, ``._x.jpg``) are not data."""
+    return not name.startswith(".")
+
+
+class _VisibleImageFolder(torchvision.datasets.ImageFolder):
+    """torchvision's ImageFolder without hidden class folders or hidden files."""
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and _visible(e.name))
+        if not classes:
+            raise FileNotFoundError(f"no class folders in {directory}")
+        return classes, {name: index for index, name in enumerate(classes)}
+
+    @staticmethod
+    def make_dataset(
+        directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False
+    ):
+        def valid(path: str) -> bool:
+            return _visible(os.path.basename(path)) and path.lower().endswith(
+                torchvision.datasets.folder.IMG_EXTENSIONS
+            )
+
+        return torchvision.datasets.folder.make_dataset(
+            directory, class_to_idx, None, valid, allow_empty=allow_empty
+        )
 
 
 class ImageFolderDataset(Dataset):
@@ -665,12 +702,12 @@ class ImageFolderDataset(Dataset):
                 f"image folder not found: {directory} (expected {directory}/<class>/<image>; "
                 "set data.root to the folder holding train/ and val/)"
             )
-        if not any(entry.is_dir() for entry in os.scandir(directory)):
+        if not any(entry.is_dir() and _visible(entry.name) for entry in os.scandir(directory)):
             raise DataError(
                 f"no class folders in {directory}: expected {directory}/<class>/<image>.JPEG"
             )
         try:
-            folder = torchvision.datasets.ImageFolder(str(directory))
+            folder = _VisibleImageFolder(str(directory))
         except FileNotFoundError as error:
             message = str(error).replace("\n", " ")
             raise DataError(f"no usable images in {directory}: {message}") from None
@@ -720,7 +757,9 @@ def check_class_folders(root: str | os.PathLike[str]) -> None:
         directory = root / split
         if not directory.is_dir():
             raise DataError(f"image folder not found: {directory} (set data.root)")
-        names[split] = {entry.name for entry in os.scandir(directory) if entry.is_dir()}
+        names[split] = {
+            entry.name for entry in os.scandir(directory) if entry.is_dir() and _visible(entry.name)
+        }
     only_train = sorted(names["train"] - names["val"])
     only_val = sorted(names["val"] - names["train"])
     if only_train or only_val:

@@ -9,6 +9,9 @@ all before the first step. Other bad inputs are refused where the thing is built
 bad input                                                     refused by
 ============================================================  ===================================
 unknown config key, wrong type, out-of-range value            ``config.load_config``
+library-set key inside kwargs (num_classes, in_chans, ...)    ``config.load_config``
+unknown timm model name, unknown model keyword argument       :func:`check_models`
+CNN student with distill.method=cskd                          :func:`check_models`
 output directory holding another run (no resume/overwrite)    ``train.prepare_run_dir``
 missing or empty data directory                               :func:`check_data_source`
 class folders that differ between train and val               ``data.check_class_folders``
@@ -55,6 +58,89 @@ log = logging.getLogger("cskd")
 SCAN_LIMIT = 10_000  # images per split fully decoded by the pre-flight (all of a smaller split)
 TEACHER_SLICE = 256  # validation images the teacher is measured on
 _IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def check_models(config: Config) -> None:
+    """Refuse, before anything is built, a model name timm does not know or a keyword argument
+    the model does not take (naming the nearest valid ones), and a student that cannot give
+    patch logits under ``distill.method=cskd``. Builds the models on the meta device: no memory,
+    no weights, no arithmetic."""
+    student = _meta_model(
+        "student",
+        config.student.name,
+        config.student.kwargs,
+        defaults={
+            "num_classes": config.data.num_classes,
+            "in_chans": config.data.in_chans,
+            "drop_path_rate": config.student.drop_path,
+        },
+    )
+    if config.distill.method != "none":
+        _meta_model(
+            "teacher",
+            config.teacher.name,
+            config.teacher.kwargs,
+            defaults={"num_classes": config.data.num_classes, "in_chans": config.data.in_chans},
+        )
+    is_vit = hasattr(student, "patch_embed") and hasattr(student, "num_prefix_tokens")
+    if config.distill.method == "cskd" and student is not None and not is_vit:
+        raise ConfigError(
+            f"distill.method=cskd needs a ViT student (its patch tokens get the dense targets), "
+            f"but student.name={config.student.name} is a {type(student).__name__}: use a timm "
+            "ViT, or distill.method=deit (token/logit distillation) or none for a CNN"
+        )
+
+
+def _meta_model(section: str, name: str, kwargs: dict, *, defaults: dict):
+    """The timm model built on the meta device, or None when it cannot be built there for a
+    reason other than its name or keyword arguments (then the real build reports it)."""
+    import difflib
+    import re
+
+    import timm
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.75)
+        hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models()"
+        raise ConfigError(f"{section}.name={name!r} is not a timm model: {hint}")
+    arguments = {**defaults, **kwargs}
+    try:
+        with torch.device("meta"):
+            return timm.create_model(name, pretrained=False, **arguments)
+    except TypeError as error:
+        found = re.search(r"unexpected keyword argument '(\w+)'", str(error))
+        if found is None:
+            raise ConfigError(f"{section}.kwargs do not build {name}: {error}") from None
+        bad = found.group(1)
+        valid = _accepted_arguments(name, defaults)
+        close = difflib.get_close_matches(bad, valid, n=2, cutoff=0.6)
+        hint = f"did you mean {' or '.join(close)}?" if close else f"it takes {', '.join(valid)}"
+        raise ConfigError(
+            f"{section}.kwargs.{bad}: {name} takes no argument {bad!r}; {hint}"
+        ) from None
+    except Exception:  # noqa: BLE001 - some models cannot be built on meta; the real build will say
+        return None
+
+
+def _accepted_arguments(name: str, defaults: dict) -> list[str]:
+    """The keyword arguments of the model class behind the timm name ``name``."""
+    import inspect
+
+    import timm
+
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False, **defaults)
+    except Exception:  # noqa: BLE001
+        return []
+    names: set[str] = set()
+    for cls in type(model).__mro__:  # subclasses often pass **kwargs on to their base
+        if "__init__" in vars(cls) and cls is not torch.nn.Module and cls is not object:
+            for parameter in inspect.signature(cls.__init__).parameters.values():
+                if parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+                    names.add(parameter.name)
+    names.discard("self")
+    return sorted(names)
 
 
 def check_data_source(data: DataConfig) -> None:
@@ -233,6 +319,17 @@ def check_run(
             images = teacher_inputs(blank, student_norm=student_norm, teacher_norm=teacher_norm)
             teacher_grid = tuple(teacher(images).dense_logits.shape[-2:])
             check_grids(student.grid_size, teacher_grid)
+            log.info(
+                f"pre-flight: student grid {student.grid_size[0]} x {student.grid_size[1]} "
+                f"pooled to the teacher grid {teacher_grid[0]} x {teacher_grid[1]}"
+            )
+            if teacher_grid == (1, 1):
+                log.warning(
+                    f"pre-flight: the teacher grid is 1 x 1 at {size} px, so there is nothing "
+                    "local to distil: CSKD then equals a global-target loss at every patch. Use "
+                    "a teacher with a finer map (e.g. teacher.kwargs.output_stride=8) or a "
+                    "larger data.image_size"
+                )
     for split, dataset in (("train", train_set), ("val", val_set)):
         check_images(
             dataset,

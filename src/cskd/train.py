@@ -45,6 +45,7 @@ from .schedules import training_progress
 
 log = logging.getLogger("cskd")
 CHECKPOINT_KEYS = ("student", "optimizer", "scheduler", "state", "rng", "config")
+RESULTS = ("last.pt", "best.pt", "student.safetensors", "final_metrics.json")  # a run's results
 
 
 # ---------------------------------------------------------------------------------- builders
@@ -53,7 +54,8 @@ CHECKPOINT_KEYS = ("student", "optimizer", "scheduler", "state", "rng", "config"
 def prepare_run_dir(config: Config, *, is_main: bool) -> Path:
     """Create the run directory; refuse one that holds another run unless resuming/overwriting."""
     run_dir = Path(config.train.output_dir)
-    holds_run = (run_dir / "config.yaml").exists() or (run_dir / "last.pt").exists()
+    # a run that never reached a checkpoint (died at step 1, say) holds nothing to lose
+    holds_run = any((run_dir / name).exists() for name in RESULTS)
     if holds_run and not config.train.resume and not config.train.overwrite:
         raise ConfigError(
             f"train.output_dir {run_dir} already holds a run: pass train.resume=auto to continue "
@@ -362,6 +364,7 @@ def train(config: Config) -> dict:
 def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest) -> dict:
     global_batch = config.data.batch_size * info.world_size
     lr = check_lr_schedule(config, global_batch)
+    preflight.check_models(config)  # names and kwargs, on the meta device: before any writing
     run_dir = distributed.together(prepare_run_dir, config, is_main=info.is_main)
     setup_logging(rank=info.rank, log_file=run_dir / "train.log")
     device = info.device
@@ -770,7 +773,10 @@ def evaluate_checkpoint(config: Config | list[str] | None, checkpoint_path: str 
         world_size=info.world_size,
         pin_memory=device.type == "cuda",
     )
+    preflight.check_models(config)
     student = build_student(config).to(device)
+    what = f"student {config.student.name}"
+    preflight.check_state_fits(checkpoint["student"], student, path=checkpoint_path, what=what)
     student.load_state_dict(checkpoint["student"])
     ema = None
     if checkpoint.get("ema") is not None:
