@@ -243,3 +243,59 @@ def test_grids_are_logged_and_a_1x1_teacher_map_is_a_warning(tmp_path, tiny_run)
     text = (tmp_path / "run" / "train.log").read_text()
     assert "student grid 8 x 8 pooled to the teacher grid 1 x 1" in text
     assert "nothing local to distil" in text
+
+
+# ------------------------------------------------------------------ 5. the rule follows the method
+
+
+@pytest.mark.parametrize(
+    ("method", "rule"), [("none", "cls"), ("deit", "cls+dist"), ("cskd", "cls+dist+patch")]
+)
+def test_overriding_only_the_method_moves_the_inference_and_best_rules_with_it(method, rule):
+    for recipe in ("imagenet/deit_small_cskd.yaml", "fashion_mnist/cskd.yaml"):
+        config = load_config(CONFIGS / recipe, [f"distill.method={method}"])
+        assert (config.student.inference_rule, config.train.best_rule) == (rule, rule)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (
+            ["distill.method=deit", "student.inference_rule=cls+dist+patch"],
+            "student.inference_rule",
+        ),
+        (["distill.method=none", "train.best_rule=cls+dist"], "train.best_rule"),
+        (["distill.method=none", "train.best_rule=ema/cls+dist"], "train.best_rule"),
+    ],
+)
+def test_a_rule_using_a_head_the_method_never_trains_is_refused(overrides, key):
+    with pytest.raises(ConfigError, match=rf"{key}=.* does not train: use {key}=auto"):
+        load_config(CONFIGS / "fashion_mnist/cskd.yaml", overrides)
+
+
+# ------------------------------------------------------------------ 6. resuming into more epochs
+
+
+def test_resuming_into_more_epochs_follows_the_longer_schedule(tmp_path, tiny_run):
+    short = {"optim.epochs": 2, "train.log_interval": 1}
+    assert main(["train", *tiny_run(**short)]) == 0
+    longer = {"optim.epochs": 4, "train.log_interval": 1, "train.resume": "auto"}
+    assert main(["train", *tiny_run(**longer)]) == 0
+    reference_dir = tmp_path / "reference"
+    overrides = [o.replace(str(tmp_path / "run"), str(reference_dir)) for o in tiny_run(**longer)]
+    assert main(["train", *overrides]) == 0  # planned for 4 epochs from the start
+
+    def rates(run_dir: Path) -> dict[int, float]:
+        records = [
+            json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        ]
+        return {r["step"]: r["lr"] for r in records if r["type"] == "step"}
+
+    resumed, planned = rates(tmp_path / "run"), rates(reference_dir)
+    later = [step for step in planned if step > 8]  # epochs 3 and 4
+    assert [resumed[step] for step in later] == pytest.approx([planned[step] for step in later])
+    assert min(resumed[step] for step in later[:4]) > 1.5e-6  # not stuck at min_lr (1e-6)
+    assert (
+        "resuming with another schedule (optim.epochs 2 -> 4)"
+        in (tmp_path / "run" / "train.log").read_text()
+    )

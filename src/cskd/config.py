@@ -34,7 +34,7 @@ class StudentConfig:
     name: str = "deit_tiny_distilled_patch16_224"  # a timm ViT
     kwargs: dict = field(default_factory=dict)  # passed to timm.create_model (img_size, depth...)
     drop_path: float = 0.1
-    inference_rule: str = "cls+dist+patch"  # cls | cls+dist | cls+dist+patch
+    inference_rule: str = "auto"  # auto (the method's own) | cls | cls+dist | cls+dist+patch
 
 
 @dataclass
@@ -127,7 +127,7 @@ class TrainConfig:
     log_interval: int = 50
     resume: str = ""  # "" | auto | path to a checkpoint
     overwrite: bool = False  # allow an output_dir that holds another run
-    best_rule: str = "cls+dist+patch"  # a rule, or "ema/<rule>"
+    best_rule: str = "auto"  # auto (the method's own rule) | a rule | "ema/<rule>"
     checkpoint_interval: int = 0  # also save last.pt every N steps (0 = at epoch ends only)
     stop_after_steps: int = 0  # save last.pt and stop after N global steps (0 = run to the end)
     max_steps_per_epoch: int = 0  # 0 = the whole epoch; N = stop each epoch after N steps
@@ -154,7 +154,7 @@ class Config:
 
 
 CHOICES = {
-    "student.inference_rule": INFERENCE_RULES,
+    "student.inference_rule": ("auto", *INFERENCE_RULES),
     "data.dataset": ("folder", "fashion_mnist", "translated_fashion_mnist", "synthetic"),
     "augment.interpolation": ("bicubic", "bilinear", "nearest"),
     "distill.method": METHODS,
@@ -332,6 +332,7 @@ def validate(config: Config) -> Config:
             "train.eval_test=true needs data.val_split > 0 (a held-out validation split): "
             "without it the validation set already is the official test split"
         )
+    _resolve_rules(config)
     rule = config.train.best_rule.removeprefix("ema/")
     if rule not in INFERENCE_RULES:
         raise ConfigError(
@@ -348,6 +349,37 @@ def validate(config: Config) -> Config:
     if len(config.teacher.mean) != len(config.teacher.std):
         raise ConfigError("teacher.mean and teacher.std must have the same length")
     return config
+
+
+# The inference rule of each method (``auto``), and the rules whose heads the method trains.
+METHOD_RULES = {"none": "cls", "deit": "cls+dist", "cskd": "cls+dist+patch"}
+TRAINED_RULES = {
+    "none": ("cls",),
+    "deit": ("cls", "cls+dist"),
+    "cskd": ("cls", "cls+dist", "cls+dist+patch"),
+}
+
+
+def _resolve_rules(config: Config) -> None:
+    """Turn ``auto`` into the method's own rule (so that overriding only ``distill.method``
+    changes the rule with it) and refuse a rule that uses a head the method never trains."""
+    method = config.distill.method
+    own = METHOD_RULES.get(method, "cls")
+    if config.student.inference_rule == "auto":
+        config.student.inference_rule = own
+    best = config.train.best_rule
+    if best.removeprefix("ema/") == "auto":
+        config.train.best_rule = best.replace("auto", own)
+    trained = TRAINED_RULES.get(method, INFERENCE_RULES)
+    for key, rule in (
+        ("student.inference_rule", config.student.inference_rule),
+        ("train.best_rule", config.train.best_rule.removeprefix("ema/")),
+    ):
+        if rule in INFERENCE_RULES and rule not in trained:
+            raise ConfigError(
+                f"{key}={rule} uses a head that distill.method={method} does not train: use "
+                f"{key}=auto (the method's rule, {own}) or one of {', '.join(trained)}"
+            )
 
 
 RESERVED_KWARGS = {  # (section, key) -> where the value comes from instead

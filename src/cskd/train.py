@@ -46,6 +46,8 @@ from .schedules import training_progress
 log = logging.getLogger("cskd")
 CHECKPOINT_KEYS = ("student", "optimizer", "scheduler", "state", "rng", "config")
 RESULTS = ("last.pt", "best.pt", "student.safetensors", "final_metrics.json")  # a run's results
+# optim keys that define the learning-rate schedule (a timm scheduler's saved state holds them)
+SCHEDULE_KEYS = ("epochs", "warmup_epochs", "warmup_lr", "min_lr", "schedule_unit")
 
 
 # ---------------------------------------------------------------------------------- builders
@@ -596,7 +598,19 @@ def restore(
         scaler.load_state_dict(checkpoint["scaler"])
     state = TrainState(**checkpoint["state"])
     saved_batch = checkpoint.get("global_batch", global_batch)
-    if saved_batch == global_batch:
+    saved_schedule = {k: checkpoint["config"]["optim"].get(k) for k in SCHEDULE_KEYS}
+    schedule = {k: getattr(config.optim, k) for k in SCHEDULE_KEYS}
+    if saved_schedule != schedule:  # e.g. more epochs: the schedule follows the new config
+        changed = ", ".join(
+            f"optim.{k} {saved_schedule[k]} -> {schedule[k]}"
+            for k in SCHEDULE_KEYS
+            if saved_schedule[k] != schedule[k]
+        )
+        log.warning(
+            f"resuming with another schedule ({changed}): the learning rate and a(t) follow the "
+            f"new one from epoch {state.epoch}, step {state.step_in_epoch}"
+        )
+    elif saved_batch == global_batch:
         scheduler.load_state_dict(checkpoint["scheduler"])
     else:  # another world size or batch: the schedule is rebuilt, the epoch's images kept
         state.step_in_epoch = resume_step(
