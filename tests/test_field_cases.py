@@ -299,3 +299,43 @@ def test_resuming_into_more_epochs_follows_the_longer_schedule(tmp_path, tiny_ru
         "resuming with another schedule (optim.epochs 2 -> 4)"
         in (tmp_path / "run" / "train.log").read_text()
     )
+
+
+# ------------------------------------------------------------------ 9. a ViT teacher
+
+
+@pytest.fixture
+def vit_teacher(tmp_path) -> list[str]:
+    torch.manual_seed(0)
+    kwargs = "{img_size: 32, patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}"
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        img_size=32,
+        patch_size=4,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        num_classes=4,
+    )
+    torch.save(model.state_dict(), tmp_path / "teacher_vit.pth")
+    return [
+        "teacher.name=vit_tiny_patch16_224",
+        f"teacher.kwargs={kwargs}",
+        f"teacher.checkpoint={tmp_path / 'teacher_vit.pth'}",
+    ]
+
+
+def test_a_vit_teacher_distils_with_deit(tmp_path, tiny_run, vit_teacher):
+    overrides = tiny_run(**{"optim.epochs": 1, "optim.warmup_epochs": 0, "distill.method": "deit"})
+    assert main(["train", *overrides, *vit_teacher]) == 0
+    records = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert all("token" in r for r in records if r["type"] == "step")
+
+
+def test_a_vit_teacher_with_cskd_is_one_line(tmp_path, tiny_run, vit_teacher):
+    status, lines = cli("train", *tiny_run(), *vit_teacher, cwd=tmp_path)
+    assert status == 2 and len(lines) == 1, lines
+    assert "CNN teacher" in lines[0] and "distill.method=deit" in lines[0]
+    assert not (tmp_path / "run" / "config.yaml").exists()

@@ -177,6 +177,8 @@ def measure(
     if teacher is None:
         return result
     output = teacher(images if teacher_images is None else teacher_images)
+    if output.dense_logits is None:  # a global-only teacher (DeiT distillation from a ViT)
+        return result
     dense, global_logits = output.dense_logits.float(), output.global_logits.float()
     grid = tuple(dense.shape[-2:])
     cells = object_cells(object_mask, grid) if object_mask is not None else None

@@ -80,7 +80,7 @@ class Distiller(nn.Module):
             cls_logits=output.cls_logits,
             dist_logits=output.dist_logits,
             student_patch_logits=output.patch_logits,
-            teacher_dense_logits=teacher.dense_logits.float(),
+            teacher_dense_logits=teacher.dense_logits.float() if dense else None,
             teacher_global_logits=teacher.global_logits.float(),
             targets=targets,
             weights=self.weights,

@@ -52,8 +52,12 @@ def _first_conv_channels(model: nn.Module) -> int:
 class DenseTeacher(nn.Module):
     """A frozen timm CNN that returns :class:`TeacherOutput`.
 
-    At construction a random batch of ``check_size`` pixels checks that the mean of the dense
-    logits equals the model's output; heads for which it cannot hold are refused.
+    At construction a random batch of ``check_size`` pixels (the data's image size) checks
+    that the model's final features are an (N, C, H, W) map and that the mean of the dense
+    logits equals the model's output; models for which it cannot hold are refused.
+
+    ``dense=False`` (DeiT distillation, which needs only the global logits) accepts any timm
+    classifier, a ViT included; ``dense_logits`` is then None.
     """
 
     def __init__(
@@ -64,14 +68,16 @@ class DenseTeacher(nn.Module):
         check_size: int = 64,
         amp_dtype: torch.dtype | None = None,
         fp32_head: bool = False,
+        dense: bool = True,
     ) -> None:
         super().__init__()
         self.name = name or type(model).__name__
+        self.dense = dense
         # None: the caller's precision; float32: autocast off; float16/bfloat16: autocast to it
         self.amp_dtype = amp_dtype
         self.fp32_head = fp32_head  # classifier (dense and global) in fp32 from the features
         classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
-        if not isinstance(classifier, nn.Linear):
+        if dense and not isinstance(classifier, nn.Linear):
             raise TeacherError(
                 f"teacher {self.name}: its classifier is {type(classifier).__name__}, not a linear "
                 "layer, so it cannot be applied at every location; use a CNN whose head is global "
@@ -85,7 +91,9 @@ class DenseTeacher(nn.Module):
 
     @property
     def num_classes(self) -> int:
-        return self.classifier.out_features
+        if isinstance(self.classifier, nn.Linear):
+            return self.classifier.out_features
+        return self.model.num_classes
 
     def train(self, mode: bool = True) -> DenseTeacher:
         """The teacher stays in eval mode whatever its parent asks."""
@@ -105,6 +113,8 @@ class DenseTeacher(nn.Module):
         else:
             precision = torch.autocast(device_type, dtype=self.amp_dtype)
         with precision:
+            if not self.dense:
+                return TeacherOutput(dense_logits=None, global_logits=self.model(images))
             features = self.model.forward_features(images)  # (N, C_f, H, W)
             if not self.fp32_head:
                 return self._heads(features)
@@ -121,7 +131,19 @@ class DenseTeacher(nn.Module):
         generator = torch.Generator().manual_seed(0)
         parameter = next(self.model.parameters())
         images = torch.randn(2, _first_conv_channels(self.model), size, size, generator=generator)
-        output = self(images.to(device=parameter.device, dtype=parameter.dtype))
+        images = images.to(device=parameter.device, dtype=parameter.dtype)
+        if not self.dense:
+            return
+        with torch.no_grad():
+            features = self.model.forward_features(images)
+        if features.ndim != 4:
+            raise TeacherError(
+                f"teacher {self.name}: its final features are {tuple(features.shape)}, not an "
+                "(N, C, H, W) map (a ViT gives tokens), so it has no dense logits: CSKD needs a "
+                "CNN teacher (ResNet, RegNet, EfficientNet); with this teacher use "
+                "distill.method=deit"
+            )
+        output = self(images)
         mean = output.dense_logits.float().mean(dim=(2, 3))
         reference = output.global_logits.float()
         error = (mean - reference).abs().max().item()
@@ -140,6 +162,8 @@ def load_teacher(
     *,
     num_classes: int,
     pretrained_tag: str | None = None,
+    dense: bool = True,
+    image_size: int = 64,
     **model_kwargs,
 ) -> DenseTeacher:
     """Build the timm model ``name`` with its weights and wrap it as a :class:`DenseTeacher`.
@@ -147,6 +171,8 @@ def load_teacher(
     ``checkpoint``: a local ``.safetensors`` file, a plain state dict, or a dict with a ``model``
     entry (DeiT's released ``regnety_160`` weights), always read without unpickling code.
     Without a checkpoint, ``pretrained_tag`` (e.g. ``deit_in1k``) asks timm's hub for weights.
+    ``dense`` and ``image_size``: see :class:`DenseTeacher` (``dense=False`` for DeiT
+    distillation, which needs only global logits; ``image_size`` is the data's).
     """
     if checkpoint:
         model = timm.create_model(name, pretrained=False, num_classes=num_classes, **model_kwargs)
@@ -160,7 +186,7 @@ def load_teacher(
             f"teacher {name} has no weights: set teacher.checkpoint to a local file or "
             "teacher.pretrained_tag to a timm tag (e.g. deit_in1k)"
         )
-    return DenseTeacher(model, name=name)
+    return DenseTeacher(model, name=name, dense=dense, check_size=image_size)
 
 
 class DenseStudent(nn.Module):

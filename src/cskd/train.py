@@ -91,6 +91,8 @@ def build_teacher(config: Config):
         config.teacher.checkpoint or None,
         num_classes=config.data.num_classes,
         pretrained_tag=config.teacher.pretrained_tag or None,
+        dense=config.distill.method == "cskd",  # DeiT distillation needs only global logits
+        image_size=config.data.image_size,
         **{"in_chans": config.data.in_chans, **config.teacher.kwargs},
     )
     return teacher
