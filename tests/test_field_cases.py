@@ -339,3 +339,64 @@ def test_a_vit_teacher_with_cskd_is_one_line(tmp_path, tiny_run, vit_teacher):
     assert status == 2 and len(lines) == 1, lines
     assert "CNN teacher" in lines[0] and "distill.method=deit" in lines[0]
     assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+# ------------------------------------------------------------------ 13, 14. discoverability
+
+
+def test_train_help_lists_every_key_with_its_default_and_meaning(tmp_path):
+    import dataclasses
+
+    from cskd.config import Config
+
+    result = subprocess.run(
+        [sys.executable, "-m", "cskd", "train", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0
+    listed = {line.split(" = ")[0].strip() for line in result.stdout.splitlines() if " = " in line}
+    expected = {
+        f"{section.name}.{item.name}"
+        for section in dataclasses.fields(Config)
+        for item in dataclasses.fields(section.default_factory())
+    }
+    assert listed == expected
+    assert "optim.min_lr = 1e-05  # not scaled with the batch" in result.stdout
+    assert all("#" in line for line in result.stdout.splitlines() if " = " in line)
+
+
+def test_cskd_config_prints_the_resolved_recipe(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cskd",
+            "config",
+            "--config",
+            str(CONFIGS / "fashion_mnist/deit.yaml"),
+            "optim.epochs=3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    import yaml
+
+    resolved = yaml.safe_load(result.stdout)
+    assert resolved["optim"]["epochs"] == 3 and resolved["distill"]["method"] == "deit"
+    assert resolved["student"]["inference_rule"] == "cls+dist"  # auto, resolved
+    assert resolved["train"]["seed"] == 0  # a default the recipe does not state
+
+
+def test_defaults_that_do_not_fit_one_machine_are_warned(tmp_path, tiny_run):
+    import os
+
+    overrides = {"data.workers": (os.cpu_count() or 1) + 4, "augment.repeated_aug": "true"}
+    overrides.update({"optim.epochs": 1, "optim.warmup_epochs": 0, "train.max_steps_per_epoch": 1})
+    assert main(["train", *tiny_run(**overrides)]) == 0
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "exceeds the" in log and "CPU cores" in log
+    assert "augment.repeated_aug=true on one process" in log

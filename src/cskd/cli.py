@@ -14,7 +14,7 @@ import sys
 
 from .align import GridError
 from .checkpoint import CheckpointError
-from .config import ConfigError, load_config
+from .config import ConfigError, describe, dump_config, load_config
 from .data import DataError
 from .distributed import DistributedError
 from .engine import NonFiniteLossError
@@ -27,9 +27,21 @@ USER_ERRORS += (DistributedError,)
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cskd", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="train (or resume) a run")
+    train = commands.add_parser(
+        "train",
+        help="train (or resume) a run",
+        description="Train (or resume) a run from a recipe plus section.key=value overrides. "
+        "Config keys, their defaults and meanings:",
+        epilog=describe(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     train.add_argument("--config", help="YAML recipe (configs/...)")
     train.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    show = commands.add_parser(
+        "config", help="print the resolved config (recipe, its bases, overrides and defaults)"
+    )
+    show.add_argument("--config", help="YAML recipe (default: the defaults alone)")
+    show.add_argument("overrides", nargs="*", help="section.key=value overrides")
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint; prints JSON")
     evaluate.add_argument("--config", help="YAML recipe (default: the checkpoint's own config)")
     evaluate.add_argument("--checkpoint", required=True)
@@ -61,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             metrics = evaluate_checkpoint(config, args.checkpoint)
             if _rank() == 0:
                 print(json.dumps(metrics, indent=2))
+        elif args.command == "config":
+            print(dump_config(load_config(args.config, args.overrides)), end="")
         elif args.command == "diagnose":
             from .diagnose import diagnose_run
 

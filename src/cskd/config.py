@@ -9,6 +9,7 @@ with YAML-typed values. Unknown keys, wrong types and impossible values raise
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import typing
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ class ConfigError(ValueError):
 class StudentConfig:
     name: str = "deit_tiny_distilled_patch16_224"  # a timm ViT
     kwargs: dict = field(default_factory=dict)  # passed to timm.create_model (img_size, depth...)
-    drop_path: float = 0.1
+    drop_path: float = 0.1  # stochastic depth rate (timm drop_path_rate)
     inference_rule: str = "auto"  # auto (the method's own) | cls | cls+dist | cls+dist+patch
 
 
@@ -42,9 +43,9 @@ class TeacherConfig:
     name: str = "regnety_160"  # a timm CNN with a global-average-pool + linear head
     checkpoint: str = ""  # local .safetensors / state dict / {"model": ...}
     pretrained_tag: str = ""  # or a timm tag (e.g. deit_in1k) fetched from timm's hub
-    kwargs: dict = field(default_factory=dict)
+    kwargs: dict = field(default_factory=dict)  # passed to timm.create_model (e.g. output_stride)
     mean: tuple[float, ...] = IMAGENET_MEAN  # the teacher's own input normalisation
-    std: tuple[float, ...] = IMAGENET_STD
+    std: tuple[float, ...] = IMAGENET_STD  # the teacher's own input normalisation
     # the teacher's precision: auto (fp16 on GPU, as released; fp32 on CPU) | fp32 | fp16 | bf16
     # (docs/results/teacher_precision.md: bf16 flips ~10x more hard targets than fp16)
     amp: str = "auto"
@@ -52,65 +53,64 @@ class TeacherConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = (
-        "folder"  # folder (ImageNet layout) | fashion_mnist | translated_fashion_mnist | synthetic
-    )
+    # folder (ImageNet layout) | fashion_mnist | translated_fashion_mnist | synthetic
+    dataset: str = "folder"
     root: str = ""  # folder: contains train/ and val/; fashion_mnist: "" = the Debian package
     download: bool = False  # fashion_mnist only: torchvision's downloader when files are missing
-    num_classes: int = 1000
-    image_size: int = 224
-    in_chans: int = 3
+    num_classes: int = 1000  # classes of the data (student and teacher heads)
+    image_size: int = 224  # training and evaluation size in pixels (square)
+    in_chans: int = 3  # image channels (1 for Fashion-MNIST)
     mean: tuple[float, ...] = IMAGENET_MEAN  # the student's input normalisation
-    std: tuple[float, ...] = IMAGENET_STD
+    std: tuple[float, ...] = IMAGENET_STD  # the student's input normalisation
     batch_size: int = 128  # per process
     eval_batch_size: int = 0  # 0 = 2 x batch_size
-    workers: int = 8
+    workers: int = 8  # data loader worker processes per process
     train_subset: int = 0  # 0 = every training image; N = a fixed random subset of N
-    subset_seed: int = 0
+    subset_seed: int = 0  # seed of the train_subset / val_split choice
     val_split: int = 0  # N > 0: hold out N training images as validation (test set untouched)
-    synthetic_size: int = 64
+    synthetic_size: int = 64  # synthetic: training images (validation: a quarter)
     canvas_size: int = 64  # translated_fashion_mnist: the canvas the 28 px garment is placed on
     clutter: int = 0  # translated_fashion_mnist: fragments of other garments on each canvas
-    skip_corrupt: bool = False
-    eval_crop_pct: float = 0.875
+    skip_corrupt: bool = False  # skip unreadable images instead of stopping
+    eval_crop_pct: float = 0.875  # evaluation: resize to image_size / eval_crop_pct, centre crop
 
 
 @dataclass
 class AugmentConfig:
-    scale: tuple[float, float] = (0.08, 1.0)
-    hflip: float = 0.5
+    scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
+    hflip: float = 0.5  # horizontal flip probability
     randaugment: str = "rand-m9-mstd0.5-inc1"  # "" = off
-    color_jitter: float = 0.3
-    interpolation: str = "bicubic"
+    color_jitter: float = 0.3  # used only when randaugment is off (as timm)
+    interpolation: str = "bicubic"  # resize interpolation for training and evaluation
     reprob: float = 0.25  # random erasing probability
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    mixup_switch_prob: float = 0.5
-    label_smoothing: float = 0.1
-    repeated_aug: bool = True
+    mixup: float = 0.8  # Mixup alpha (0 = off)
+    cutmix: float = 1.0  # CutMix alpha (0 = off)
+    mixup_switch_prob: float = 0.5  # chance of CutMix instead of Mixup when both are on
+    label_smoothing: float = 0.1  # label smoothing of the base loss
+    repeated_aug: bool = True  # repeated augmentation (3 copies per image, DeiT)
 
 
 @dataclass
 class DistillConfig:
     method: str = "cskd"  # none | deit | cskd
     alpha: float = 0.5  # token-loss weight; base loss gets 1 - alpha
-    token_kind: str = "hard"
-    cskd_kind: str = "hard"
-    cskd_weight: float = 1.0
+    token_kind: str = "hard"  # DeiT token loss: hard | soft
+    cskd_kind: str = "hard"  # CSKD loss: hard | soft
+    cskd_weight: float = 1.0  # weight of the CSKD loss (1.0 as released)
     schedule: str = "linear"  # linear | x2 | cos | dense | global
     progress: str = "epoch"  # epoch (as released) | step
-    tau: float = 1.0
+    tau: float = 1.0  # temperature of the soft losses
 
 
 @dataclass
 class OptimConfig:
     name: str = "adamw"  # any timm optimizer name
     lr: float = 5e-4  # at lr_batch_reference images; scaled linearly with the global batch
-    lr_batch_reference: int = 512
-    weight_decay: float = 0.05
+    lr_batch_reference: int = 512  # the batch optim.lr is given for
+    weight_decay: float = 0.05  # AdamW weight decay (not on norms, biases, tokens)
     clip_grad: float = 0.0  # 0 = off
-    epochs: int = 300
-    warmup_epochs: int = 5
+    epochs: int = 300  # training epochs
+    warmup_epochs: int = 5  # linear warm-up epochs from warmup_lr
     warmup_lr: float = 1e-6  # not scaled with the batch (as DeiT); must stay below the peak
     min_lr: float = 1e-5  # not scaled with the batch (as DeiT); must stay below the peak
     schedule_unit: str = "step"  # step: lr updated every step | epoch: once per epoch (DeiT)
@@ -118,13 +118,13 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "runs/default"
-    seed: int = 0
+    output_dir: str = "runs/default"  # the run directory
+    seed: int = 0  # initialisation, data order and augmentation seed
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | off | bf16 | fp16
-    ema: bool = True
-    ema_decay: float = 0.99996
-    log_interval: int = 50
+    ema: bool = True  # keep an EMA of the student's weights (timm ModelEmaV3)
+    ema_decay: float = 0.99996  # EMA decay per step
+    log_interval: int = 50  # steps between log lines and metrics records
     resume: str = ""  # "" | auto | path to a checkpoint
     overwrite: bool = False  # allow an output_dir that holds another run
     best_rule: str = "auto"  # auto (the method's own rule) | a rule | "ema/<rule>"
@@ -136,10 +136,10 @@ class TrainConfig:
     eval_interval: int = 1  # evaluate after every N-th epoch (and always after the last)
     diagnostics: bool = False  # log teacher-map, student-agreement and attention diagnostics
     diagnostics_images: int = 256  # validation images the diagnostics are measured on
-    channels_last: bool = False
-    compile: bool = False
+    channels_last: bool = False  # channels-last memory format for student and teacher
+    compile: bool = False  # torch.compile the student
     dist_backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
-    dist_timeout_s: int = 1800
+    dist_timeout_s: int = 1800  # torchrun collective timeout in seconds
 
 
 @dataclass
@@ -432,6 +432,37 @@ def to_dict(config: Config) -> dict:
         return value
 
     return plain(dataclasses.asdict(config))
+
+
+def describe() -> str:
+    """Every section and key with its default and its meaning, read from this module's own
+    schema (the comment on or above each field), for ``cskd train --help``."""
+    import inspect
+
+    lines = []
+    for section in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[section.name]
+        notes: dict[str, str] = {}
+        pending: list[str] = []
+        for line in inspect.getsource(cls).splitlines()[1:]:
+            text = line.strip()
+            if text.startswith("#"):
+                pending.append(text.lstrip("# "))
+                continue
+            found = re.match(r"(\w+): [^=]+=.*?(?:#\s*(.*))?$", text)
+            if found:
+                notes[found.group(1)] = found.group(2) or " ".join(pending)
+            pending = []
+        lines.append(f"{section.name}:")
+        defaults = cls()
+        for item in dataclasses.fields(cls):
+            default = getattr(defaults, item.name)
+            shown = json.dumps(list(default) if isinstance(default, tuple) else default)
+            note = notes.get(item.name, "")
+            lines.append(
+                f"  {section.name}.{item.name} = {shown}" + (f"  # {note}" if note else "")
+            )
+    return "\n".join(lines)
 
 
 def dump_config(config: Config) -> str:

@@ -143,6 +143,28 @@ def _accepted_arguments(name: str, defaults: dict) -> list[str]:
     return sorted(names)
 
 
+def check_machine(config: Config, *, world_size: int) -> list[str]:
+    """Warn (and return the warnings) where defaults sized for an 8-GPU ImageNet run do not fit
+    this machine: more loader workers than CPU cores, and repeated augmentation on one process
+    (each epoch then shows about a third of the images, three copies of each)."""
+    warnings = []
+    cores = os.cpu_count() or 1
+    if config.data.workers > cores:
+        warnings.append(
+            f"data.workers={config.data.workers} exceeds the {cores} CPU cores of this machine: "
+            f"the loaders will compete with training; set data.workers={max(cores - 1, 0)}"
+        )
+    if config.augment.repeated_aug and world_size == 1:
+        warnings.append(
+            "augment.repeated_aug=true on one process: each epoch shows about a third of the "
+            "images, three augmented copies of each (DeiT uses it across 8 GPUs); set "
+            "augment.repeated_aug=false for a single-process run"
+        )
+    for warning in warnings:
+        log.warning(f"pre-flight: {warning}")
+    return warnings
+
+
 def check_data_source(data: DataConfig) -> None:
     """Refuse a missing or empty ``data.root`` with one line saying what should be there."""
     fashion = data.dataset in ("fashion_mnist", "translated_fashion_mnist")

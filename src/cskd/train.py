@@ -376,6 +376,8 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
 
     distributed.together(preflight.check_data_source, config.data)
     train_set, val_set = distributed.together(build_datasets, config.data, config.augment)
+    if info.is_main:
+        preflight.check_machine(config, world_size=info.world_size)
     sampler = EpochSampler(
         train_set,
         seed=config.train.seed,
@@ -612,9 +614,7 @@ def restore(
             f"resuming with another schedule ({changed}): the learning rate and a(t) follow the "
             f"new one from epoch {state.epoch}, step {state.step_in_epoch}"
         )
-    elif saved_batch == global_batch:
-        scheduler.load_state_dict(checkpoint["scheduler"])
-    else:  # another world size or batch: the schedule is rebuilt, the epoch's images kept
+    if saved_batch != global_batch:  # another world size or batch: the epoch's images kept
         state.step_in_epoch = resume_step(
             state.step_in_epoch, saved_global_batch=saved_batch, global_batch=global_batch
         )
@@ -622,6 +622,8 @@ def restore(
             f"global batch {saved_batch} -> {global_batch}: epoch {state.epoch} resumes at "
             f"step {state.step_in_epoch} of {steps_per_epoch}"
         )
+    if saved_schedule == schedule and saved_batch == global_batch:
+        scheduler.load_state_dict(checkpoint["scheduler"])  # else rebuilt for the new run
     set_rng_state(checkpoint["rng"])
     if rank:  # the checkpoint holds rank 0's random streams; the others start new ones
         seed_everything(sample_seed(config.train.seed, state.global_step, rank, 2**32 - 2))
