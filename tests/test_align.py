@@ -20,7 +20,16 @@ def _block_mean(values, h, w, th, tw):
     return out.reshape(n, th * tw, c)
 
 
-@pytest.mark.parametrize("source, target", [((14, 14), (7, 7)), ((8, 8), (4, 4)), ((8, 6), (4, 3))])
+@pytest.mark.parametrize(
+    "source, target",
+    [
+        ((14, 14), (7, 7)),
+        ((8, 8), (4, 4)),
+        ((8, 6), (4, 3)),
+        ((8, 6), (2, 3)),  # factor 4 down the rows, 2 across: a swapped axis cannot pass
+        ((6, 12), (3, 3)),  # factor 2 down, 4 across
+    ],
+)
 def test_integer_ratios_average_whole_blocks(source, target):
     values = _grid_values(*source)
     expected = _block_mean(values, *source, *target)
@@ -62,3 +71,24 @@ def test_pooling_commutes_with_a_linear_head():
             head(align_to_grid(tokens, (14, 14), target)),
             align_to_grid(head(tokens), (14, 14), target),
         )
+
+
+def _overlap(source: int, target: int) -> torch.Tensor:
+    """(target, source): the length of [i s/t, (i+1) s/t) inside source cell j, normalised."""
+    rows = []
+    for i in range(target):
+        low, high = i * source / target, (i + 1) * source / target
+        rows.append([max(0.0, min(high, j + 1) - max(low, j)) for j in range(source)])
+    weights = torch.tensor(rows, dtype=torch.float64)
+    return weights / weights.sum(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize(
+    "source, target", [((12, 9), (5, 4)), ((9, 12), (4, 5)), ((10, 7), (3, 7))]
+)
+def test_non_square_non_integer_grids_pool_each_axis_by_its_own_overlaps(source, target):
+    values = _grid_values(*source, c=1, n=1)
+    out = align_to_grid(values, source, target).reshape(*target)
+    grid = values.reshape(*source)
+    expected = _overlap(source[0], target[0]) @ grid @ _overlap(source[1], target[1]).T
+    torch.testing.assert_close(out, expected)

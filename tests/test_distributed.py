@@ -453,3 +453,42 @@ def test_device_and_backend_mistakes_are_config_errors(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="dist_backend=nccl needs GPUs"):
         distributed.init_distributed(device="cpu", backend="nccl", timeout_s=60)
+
+
+RANK_WEIGHTS = """
+import os, sys, torch
+from cskd import engine
+from cskd.config import load_config
+from cskd.train import train
+
+original = engine.Trainer.train_one_epoch
+
+def keep(self, batches, state):  # every rank saves the weights it holds after each epoch
+    means = original(self, batches, state)
+    student = getattr(self.distiller.student, "module", self.distiller.student)
+    torch.save(student.state_dict(), os.environ["WEIGHTS_DIR"] + "/rank" + os.environ["RANK"] + ".pt")
+    return means
+
+engine.Trainer.train_one_epoch = keep
+train(load_config(None, sys.argv[1:]))
+"""
+
+
+def test_every_rank_ends_with_the_same_weights(tmp_path, teacher_checkpoint, monkeypatch):
+    """DDP averages the gradients: two ranks that trained on different images hold identical
+    weights at the end. A step that bypassed the DDP wrapper would let them drift apart."""
+    script = tmp_path / "rank_weights.py"
+    script.write_text(RANK_WEIGHTS)
+    overrides = tiny_overrides(tmp_path / "run", teacher_checkpoint, **{"optim.epochs": 1})
+    monkeypatch.setenv("WEIGHTS_DIR", str(tmp_path))
+    result, _ = torchrun(str(script), *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    second = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    config = load_config(None, overrides)
+    torch.manual_seed(config.train.seed)
+    initial = build_student(config).state_dict()
+    key = "blocks.0.attn.qkv.weight"
+    assert not torch.equal(first[key], initial[key])  # it trained
+    for name, value in first.items():
+        torch.testing.assert_close(second[name], value, rtol=0, atol=0, msg=name)

@@ -31,6 +31,8 @@ STUDENTS = [
 def test_teacher_global_logits_are_the_models_output_and_the_dense_mean(name, kwargs):
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=7, **kwargs).eval()
+    torch.nn.init.normal_(model.get_classifier().bias)  # a bias the dense head must carry
+    assert model.get_classifier().bias.abs().min() > 0
     teacher = DenseTeacher(model)
     images = torch.randn(2, 3, 96, 96)
     out = teacher(images)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import yaml
 from photos import photo_folder
 
 from cskd.config import ConfigError, get_value, load_config, to_dict
@@ -178,9 +179,17 @@ def test_the_recipe_folders_are_found():
 
 
 @pytest.mark.parametrize("path", ALL_RECIPES, ids=lambda path: f"{path.parent.name}/{path.name}")
-def test_every_shipped_recipe_loads_and_validates(path):
+def test_every_shipped_recipe_loads_validates_and_builds_its_models(path):
+    """Resolves, survives a round trip through its printed form, and its student and teacher
+    exist in timm with the recipe's keyword arguments (built on the meta device)."""
+    from cskd.config import dump_config, from_dict
+    from cskd.preflight import check_models
+
     config = load_config(path)
-    assert config.optim.lr > 0 and config.data.batch_size > 0
+    again = from_dict(yaml.safe_load(dump_config(config)))
+    assert to_dict(again) == to_dict(config)
+    check_models(config)  # raises ConfigError for an unknown name or keyword argument
+    assert config.student.inference_rule != "auto" and config.train.best_rule != "auto"
 
 
 # ---------------------------------------------------------------------------- the ImageNet runs

@@ -51,7 +51,7 @@ from .align import check_grids
 from .checkpoint import check_state_fits
 from .config import Config, ConfigError, DataConfig
 from .data import DataError
-from .models import DenseStudent, DenseTeacher, TeacherError
+from .models import DenseStudent, DenseTeacher
 
 log = logging.getLogger("cskd")
 
@@ -328,13 +328,9 @@ def check_run(
     check_student_input(student, image_size=config.data.image_size, name=config.student.name)
     if not is_main:
         return
+    # (a teacher of another class count never gets here: build_teacher creates the model for
+    # data.num_classes and checkpoint.check_state_fits names a head of another size)
     if teacher is not None:
-        if teacher.num_classes != config.data.num_classes:
-            raise TeacherError(
-                f"teacher {teacher.name} predicts {teacher.num_classes} classes but "
-                f"data.num_classes is {config.data.num_classes}: use a teacher trained on the "
-                "data's classes"
-            )
         if config.distill.method == "cskd" and isinstance(student, DenseStudent):
             size = config.data.image_size
             blank = torch.zeros(1, config.data.in_chans, size, size, device=device)

@@ -1,0 +1,114 @@
+"""Parts of a training step that a whole-run test would not notice if they broke: the teacher's
+own normalisation, random erasing before Mixup, the EMA update, per-epoch augmentation seeds and
+drop path reaching the timm model (issue 11, "tests that would not notice a broken step")."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cskd.cli import main
+from cskd.config import load_config
+from cskd.engine import Trainer, normalizer
+from cskd.preflight import teacher_inputs
+from cskd.sampling import EpochSampler
+from cskd.train import build_student
+
+
+def test_teacher_inputs_use_the_teachers_own_normalisation():
+    pixels = torch.rand(2, 3, 4, 4)
+    student = normalizer((0.2, 0.3, 0.4), (0.5, 0.6, 0.7), torch.device("cpu"))
+    teacher = normalizer((0.6, 0.5, 0.4), (0.2, 0.25, 0.3), torch.device("cpu"))
+    expected = (pixels - teacher[0]) / teacher[1]
+    torch.testing.assert_close(
+        teacher_inputs(pixels, student_norm=student, teacher_norm=teacher), expected
+    )
+
+
+def test_distiller_gives_the_teacher_its_own_normalisation(tiny_run):
+    from cskd.train import build_distiller, build_teacher
+
+    config = load_config(
+        None,
+        tiny_run(
+            **{
+                "data.mean": [0.2, 0.3, 0.4],
+                "data.std": [0.5, 0.6, 0.7],
+                "teacher.mean": [0.6, 0.5, 0.4],
+                "teacher.std": [0.2, 0.25, 0.3],
+            }
+        ),
+    )
+    device = torch.device("cpu")
+    student, teacher = build_student(config), build_teacher(config)
+    received = []
+    original = teacher.forward
+    teacher.forward = lambda images: (received.append(images), original(images))[1]
+    distiller = build_distiller(config, student, teacher, device=device, mixup=False)
+    pixels = torch.rand(2, 3, 32, 32)
+    mean_s, std_s = normalizer(config.data.mean, config.data.std, device)
+    mean_t, std_t = normalizer(config.teacher.mean, config.teacher.std, device)
+    distiller((pixels - mean_s) / std_s, torch.tensor([0, 1]), 0.0)
+    torch.testing.assert_close(received[0], (pixels - mean_t) / std_t, atol=1e-5, rtol=1e-5)
+
+
+def test_random_erasing_runs_before_mixup_on_the_normalised_batch():
+    calls = []
+
+    def erasing(images):
+        calls.append(("erasing", images.clone()))
+        return images * 0 + 7.0
+
+    def mixup(images, targets):
+        calls.append(("mixup", images.clone()))
+        return images, targets
+
+    trainer = Trainer.__new__(Trainer)  # only prepare() is exercised
+    trainer.device = torch.device("cpu")
+    trainer.student_norm = normalizer((0.5,), (0.25,), torch.device("cpu"))
+    trainer.erasing, trainer.mixup = erasing, mixup
+    pixels = torch.rand(2, 1, 4, 4)
+    images, _ = trainer.prepare({"image": pixels, "target": torch.tensor([0, 1])})
+    assert [name for name, _ in calls] == ["erasing", "mixup"]
+    torch.testing.assert_close(calls[0][1], (pixels - 0.5) / 0.25)  # erasing sees normalised
+    assert (calls[1][1] == 7.0).all()  # Mixup sees the erased batch
+    assert (images == 7.0).all()
+
+
+def test_the_ema_moves_towards_the_trained_weights(tmp_path, tiny_run):
+    overrides = {"train.ema_decay": 0.5, "optim.epochs": 1, "optim.warmup_epochs": 0}
+    assert main(["train", *tiny_run(**overrides)]) == 0
+    checkpoint = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    config = load_config(None, tiny_run(**overrides))
+    torch.manual_seed(config.train.seed)
+    initial = build_student(config).state_dict()
+    ema, trained = checkpoint["ema"], checkpoint["student"]
+    key = "blocks.0.attn.qkv.weight"
+    assert not torch.equal(ema[key], initial[key]), "the EMA never left the initial weights"
+    assert not torch.equal(ema[key], trained[key])
+    # with decay 0.5 over 4 steps the EMA sits between the start and the end, nearer the end
+    assert (ema[key] - trained[key]).norm() < (initial[key] - trained[key]).norm()
+
+
+def test_augmentation_seeds_change_with_the_epoch():
+    sampler = EpochSampler(list(range(16)), seed=0, rank=0, world_size=1)
+    sampler.set_epoch(0)
+    first = dict(iter(sampler))
+    sampler.set_epoch(1)
+    second = dict(iter(sampler))
+    assert set(first) == set(second) == set(range(16))
+    assert all(first[index] != second[index] for index in first)  # new crops every epoch
+    sampler.set_epoch(0)
+    assert dict(iter(sampler)) == first  # and the same ones again for the same epoch
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.25])
+def test_drop_path_reaches_the_timm_model(tiny_run, rate):
+    config = load_config(None, tiny_run(**{"student.drop_path": rate}))
+    student = build_student(config)
+    rates = [
+        block.drop_path1.drop_prob if hasattr(block.drop_path1, "drop_prob") else 0.0
+        for block in student.model.blocks
+    ]
+    assert rates[-1] == pytest.approx(rate)  # timm spreads it linearly over the blocks
+    assert rates[0] == 0.0
