@@ -400,3 +400,56 @@ def test_defaults_that_do_not_fit_one_machine_are_warned(tmp_path, tiny_run):
     log = (tmp_path / "run" / "train.log").read_text()
     assert "exceeds the" in log and "CPU cores" in log
     assert "augment.repeated_aug=true on one process" in log
+
+
+# ------------------------------------------------------------------ 12. teacher files from the field
+
+
+def _teacher_state() -> dict:
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=4, channels=[8, 16, 32, 64], output_stride=8)
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("form", ["ddp", "compiled", "ddp-in-model", "timm-train", "deit-main"])
+def test_teacher_files_of_other_tools_load(tmp_path, form):
+    import argparse
+
+    from cskd.models import load_teacher
+
+    state = _teacher_state()
+    files = {
+        "ddp": {"module." + k: v for k, v in state.items()},
+        "compiled": {"_orig_mod." + k: v for k, v in state.items()},
+        "ddp-in-model": {"model": {"module." + k: v for k, v in state.items()}},
+        "timm-train": {
+            "epoch": 3,
+            "state_dict": state,
+            "args": argparse.Namespace(lr=0.1, model="resnet18"),
+        },
+        "deit-main": {"model": state, "epoch": 299, "args": argparse.Namespace(lr=5e-4)},
+    }
+    torch.save(files[form], tmp_path / "teacher.pth")
+    teacher = load_teacher(
+        "resnet18",
+        tmp_path / "teacher.pth",
+        num_classes=4,
+        channels=[8, 16, 32, 64],
+        output_stride=8,
+    )
+    for key, value in teacher.model.state_dict().items():
+        torch.testing.assert_close(value, state[key])
+
+
+def test_a_cskd_run_s_best_pt_works_as_a_teacher(tmp_path, tiny_run):
+    cnn = {
+        "distill.method": "none",
+        "student.name": "resnet18",
+        "student.kwargs": "{channels: [8, 16, 32, 64], output_stride: 8}",
+        "optim.epochs": 1,
+        "optim.warmup_epochs": 0,
+        "train.output_dir": tmp_path / "teacher_run",
+    }
+    assert main(["train", *tiny_run(**cnn)]) == 0
+    overrides = {"teacher.checkpoint": tmp_path / "teacher_run" / "best.pt", "optim.epochs": 1}
+    assert main(["train", *tiny_run(**overrides, **{"optim.warmup_epochs": 0})]) == 0

@@ -11,6 +11,7 @@ half-written file under the real name. Training checkpoints also carry a digest 
 
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 import zlib
@@ -41,7 +42,10 @@ def read_file(path: str | os.PathLike) -> dict[str, Any]:
     try:
         if path.suffix == ".safetensors":
             return load_safetensors(str(path), device="cpu")
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        # timm's train.py and DeiT's main.py keep their argparse.Namespace in "args": rebuilding
+        # one sets attributes and runs no code, so it is allowed, as timm's own loader does
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - every failure becomes one clear message
         text = str(error)
         detail = _line_after(text, "WeightsUnpickler error:")
@@ -99,14 +103,20 @@ def content_digest(obj: Any) -> str:
 
 
 def extract_state_dict(obj: dict[str, Any], *, path: str | os.PathLike = "") -> dict[str, Any]:
-    """The model state dict inside a loaded file: plain, ``{"model": ...}`` or ``{"state_dict": ...}``."""
-    for key in ("model", "state_dict"):
+    """The model state dict inside a loaded file: plain, ``{"model": ...}`` (DeiT, the CSKD
+    release), ``{"state_dict": ...}`` (timm's train.py) or a cskd training checkpoint (its
+    ``student``), with the ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes removed
+    by timm's ``clean_state_dict``."""
+    from timm.models import clean_state_dict
+
+    for key in ("model", "state_dict", "student"):
         if isinstance(obj.get(key), dict):
-            return obj[key]
+            return clean_state_dict(obj[key])
     if obj and all(isinstance(value, torch.Tensor) for value in obj.values()):
-        return obj
+        return clean_state_dict(obj)
     raise CheckpointError(
-        f"checkpoint {path} holds no state dict (expected tensors, or a 'model' entry)"
+        f"checkpoint {path} holds no state dict (expected tensors, or a 'model', 'state_dict' "
+        "or 'student' entry)"
     )
 
 
