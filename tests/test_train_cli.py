@@ -233,3 +233,37 @@ def test_eval_test_without_a_held_out_split_is_refused():
 
     with pytest.raises(ConfigError, match="train.eval_test=true needs data.val_split"):
         load_config(None, ["train.eval_test=true"])
+
+
+def test_the_first_step_after_resuming_with_another_batch_runs_at_the_new_schedule(
+    tmp_path, tiny_run, monkeypatch
+):
+    """The learning rate logged after a step is the next one's; this records the rate each
+    optimizer step actually used, and checks the first step after the resume against a
+    schedule built for the new batch at that position."""
+    from cskd.config import load_config
+    from cskd.engine import Trainer
+    from cskd.train import build_optimization, build_student, scaled_lr
+
+    common = {"optim.epochs": 3, "train.log_interval": 1}
+    assert main(["train", *tiny_run(**common, **{"train.stop_after_steps": 3})]) == 0
+    used = []
+    step = Trainer.step
+
+    def recording(self, batch, state):
+        used.append((state.epoch, state.step_in_epoch, self.optimizer.param_groups[0]["lr"]))
+        return step(self, batch, state)
+
+    monkeypatch.setattr(Trainer, "step", recording)
+    bigger = {**common, "train.resume": "auto", "data.batch_size": 16}
+    assert main(["train", *tiny_run(**bigger)]) == 0
+    # 32 images: 4 steps of 8 per epoch before, 2 steps of 16 now; step 3 of epoch 0 (24
+    # images) resumes at step 1 of 2 (resume_step rounds down to whole new batches)
+    epoch, step_in_epoch, lr = used[0]
+    assert (epoch, step_in_epoch) == (0, 1)
+    config = load_config(None, tiny_run(**bigger))
+    _, scheduler = build_optimization(
+        config, build_student(config), lr=scaled_lr(config, 16), steps_per_epoch=2
+    )
+    scheduler.step_update(num_updates=epoch * 2 + step_in_epoch)
+    assert lr == pytest.approx(scheduler.optimizer.param_groups[0]["lr"])
