@@ -21,6 +21,17 @@ def load_script(name: str):
     return module
 
 
+def fashion_mnist_teacher(path: Path) -> None:
+    """A random teacher of configs/fashion_mnist/teacher.yaml's architecture, saved to ``path``."""
+    import timm
+
+    torch.manual_seed(0)
+    teacher = timm.create_model(
+        "resnet18", num_classes=10, in_chans=1, channels=[16, 32, 64, 128], output_stride=8
+    )
+    torch.save(teacher.state_dict(), path)
+
+
 @pytest.fixture
 def one_thread():
     """The scripts' --threads 1 changes the process-wide setting: put it back afterwards."""
@@ -83,14 +94,9 @@ def test_throughput_profile_shows_the_patch_head_only_in_the_cskd_step(tmp_path,
 
 
 def test_teacher_precision_compares_every_precision_with_fp32(tmp_path, one_thread):
-    import timm
 
     script = load_script("teacher_precision")
-    torch.manual_seed(0)
-    teacher = timm.create_model(
-        "resnet18", num_classes=10, in_chans=1, channels=[16, 32, 64, 128], output_stride=8
-    )
-    torch.save(teacher.state_dict(), tmp_path / "teacher.pth")
+    fashion_mnist_teacher(tmp_path / "teacher.pth")
     output = tmp_path / "precision"
     arguments = ["--checkpoint", str(tmp_path / "teacher.pth"), "--max-batches", "1"]
     assert script.main([*arguments, "--batch-size", "40", "--output", str(output)]) == 0
@@ -134,14 +140,9 @@ def test_regimes_quick_trains_every_method_and_reports_paired_differences(
 
 
 def test_epoch_time_runs_old_and_new_seeding_side_by_side(tmp_path, one_thread):
-    import timm
 
     script = load_script("epoch_time")
-    torch.manual_seed(0)
-    teacher = timm.create_model(
-        "resnet18", num_classes=10, in_chans=1, channels=[16, 32, 64, 128], output_stride=8
-    )
-    torch.save(teacher.state_dict(), tmp_path / "teacher.pth")
+    fashion_mnist_teacher(tmp_path / "teacher.pth")
     output = tmp_path / "epoch_time"
     arguments = ["--teacher", str(tmp_path / "teacher.pth"), "--repeats", "1", "--steps", "2"]
     assert script.main([*arguments, "--eval-batches", "1", "--output", str(output)]) == 0

@@ -878,36 +878,21 @@ def build_datasets(data_cfg: Any, augment_cfg: Any) -> tuple[Dataset, Dataset]:
         interpolation=augment_cfg.interpolation,
     )
     kind = data_cfg.dataset
-    if kind == "fashion_mnist":
+    if kind in ("fashion_mnist", "translated_fashion_mnist"):
         if data_cfg.in_chans != 1:
             raise DataError(
                 f"Fashion-MNIST images have 1 channel but data.in_chans={data_cfg.in_chans}: "
                 "set data.in_chans=1"
             )
         root = data_cfg.root or FASHION_MNIST_ROOT
+        placed = {}
+        if kind == "translated_fashion_mnist":
+            placed = {"canvas_size": data_cfg.canvas_size, "clutter": data_cfg.clutter}
+        dataset_class = TranslatedFashionMNIST if placed else FashionMNIST
 
         def make(split: str, transform: Transform) -> Dataset:
-            return FashionMNIST(
-                root=root, split=split, transform=transform, download=data_cfg.download
-            )
-
-        official_val_split = "test"
-    elif kind == "translated_fashion_mnist":
-        if data_cfg.in_chans != 1:
-            raise DataError(
-                f"Fashion-MNIST images have 1 channel but data.in_chans={data_cfg.in_chans}: "
-                "set data.in_chans=1"
-            )
-        root = data_cfg.root or FASHION_MNIST_ROOT
-
-        def make(split: str, transform: Transform) -> Dataset:
-            return TranslatedFashionMNIST(
-                root=root,
-                split=split,
-                transform=transform,
-                download=data_cfg.download,
-                canvas_size=data_cfg.canvas_size,
-                clutter=data_cfg.clutter,
+            return dataset_class(
+                root=root, split=split, transform=transform, download=data_cfg.download, **placed
             )
 
         official_val_split = "test"
