@@ -335,8 +335,31 @@ def test_a_vit_teacher_distils_with_deit(tmp_path, tiny_run, vit_teacher):
 
 
 def test_a_vit_teacher_with_cskd_is_one_line(tmp_path, tiny_run, vit_teacher):
-    status, lines = cli("train", *tiny_run(), *vit_teacher, cwd=tmp_path)
+    # repeated augmentation on one process would be a warning: it must not add a line
+    status, lines = cli(
+        "train", *tiny_run(), *vit_teacher, "augment.repeated_aug=true", cwd=tmp_path
+    )
     assert status == 2 and len(lines) == 1, lines
+    everything = (
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "cskd",
+                "train",
+                *tiny_run(),
+                *vit_teacher,
+                "augment.repeated_aug=true",
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        .stderr.strip()
+        .splitlines()
+    )
+    assert len(everything) == 1, everything  # no warning or log line before the error
     assert "CNN teacher" in lines[0] and "distill.method=deit" in lines[0]
     assert not (tmp_path / "run" / "config.yaml").exists()
 
@@ -453,3 +476,34 @@ def test_a_cskd_run_s_best_pt_works_as_a_teacher(tmp_path, tiny_run):
     assert main(["train", *tiny_run(**cnn)]) == 0
     overrides = {"teacher.checkpoint": tmp_path / "teacher_run" / "best.pt", "optim.epochs": 1}
     assert main(["train", *tiny_run(**overrides, **{"optim.warmup_epochs": 0})]) == 0
+
+
+def test_a_run_saved_with_an_explicit_rule_of_another_method_still_evaluates(
+    tmp_path, tiny_run, capsys
+):
+    """Runs saved before rules followed the method (deit with cls+dist+patch) load for
+    ``cskd eval`` and ``cskd diagnose``: a saved run is evaluated under every rule anyway."""
+    import yaml
+
+    assert (
+        main(
+            [
+                "train",
+                *tiny_run(
+                    **{"optim.epochs": 1, "optim.warmup_epochs": 0, "distill.method": "deit"}
+                ),
+            ]
+        )
+        == 0
+    )
+    run_dir = tmp_path / "run"
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    saved["student"]["inference_rule"] = "cls+dist+patch"  # as an older version wrote it
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    checkpoint = torch.load(run_dir / "last.pt", weights_only=True)
+    checkpoint["config"]["student"]["inference_rule"] = "cls+dist+patch"
+    checkpoint.pop("cskd_digest", None)
+    torch.save(checkpoint, run_dir / "old.pt")
+    assert main(["eval", "--checkpoint", str(run_dir / "old.pt")]) == 0
+    assert main(["diagnose", str(run_dir), "--images", "8"]) == 0
+    assert "cls+dist+patch" in json.loads(capsys.readouterr().out.split("\n}\n")[0] + "\n}")

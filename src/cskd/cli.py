@@ -74,7 +74,11 @@ def main(argv: list[str] | None = None) -> int:
             if _rank() == 0:
                 print(json.dumps(metrics, indent=2))
         elif args.command == "config":
-            print(dump_config(load_config(args.config, args.overrides)), end="")
+            from .preflight import check_models
+
+            config = load_config(args.config, args.overrides)
+            check_models(config)  # model names and kwargs, as train checks them
+            print(dump_config(config), end="")
         elif args.command == "diagnose":
             from .diagnose import diagnose_run
 

@@ -24,8 +24,8 @@ from . import diagnostics
 from .config import ConfigError, load_config
 from .data import build_datasets
 from .engine import normalizer
-from .models import DenseStudent
-from .train import build_student, build_teacher, read_checkpoint
+from .models import DenseStudent, TeacherError
+from .train import RULES_FOR_SAVED, build_student, build_teacher, read_checkpoint
 
 log = logging.getLogger("cskd")
 
@@ -44,11 +44,16 @@ def diagnose_run(
     if not config_path.is_file():
         raise ConfigError(f"{run_dir} holds no cskd run (no config.yaml): pass a run directory")
     saved = read_checkpoint(run_dir / checkpoint)
-    config = load_config(config_path, [*(overrides or []), "train.device=cpu"])
+    config = load_config(config_path, [*RULES_FOR_SAVED, *(overrides or []), "train.device=cpu"])
     student = build_student(config)
     student.load_state_dict(saved["student"])
     student.eval()
-    teacher = build_teacher(config)
+    teacher = None
+    if config.teacher.checkpoint or config.teacher.pretrained_tag:
+        try:  # the teacher's dense map even for a DeiT run, when its model has one
+            teacher = build_teacher(config, dense=True)
+        except TeacherError:
+            teacher = build_teacher(config)
     _, val_set = build_datasets(config.data, config.augment)
     device = torch.device("cpu")
     probe = diagnostics.Probe(
@@ -71,7 +76,7 @@ def diagnose_run(
     out = run_dir / "diagnostics"
     out.mkdir(exist_ok=True)
     (out / "diagnostics.json").write_text(json.dumps(result, indent=2))
-    if teacher is not None and isinstance(student, DenseStudent):
+    if teacher is not None and teacher.dense and isinstance(student, DenseStudent):
         count = min(pictures, probe.targets.shape[0])
         diagnostics.draw_maps(
             out / "maps.png",

@@ -38,7 +38,7 @@ from .config import Config, ConfigError, apply_overrides, dump_config, from_dict
 from .data import build_datasets, build_test_set
 from .engine import Distiller, Trainer, TrainState, evaluate, normalizer
 from .losses import ObjectiveWeights
-from .models import DenseTeacher, load_teacher, rules_for, wrap_student
+from .models import DenseTeacher, TeacherError, load_teacher, rules_for, wrap_student
 from .runlog import MetricsWriter, setup_logging, truncate_after
 from .sampling import EpochSampler, eval_loader, resume_step, sample_seed, train_loader
 from .schedules import training_progress
@@ -46,6 +46,9 @@ from .schedules import training_progress
 log = logging.getLogger("cskd")
 CHECKPOINT_KEYS = ("student", "optimizer", "scheduler", "state", "rng", "config")
 RESULTS = ("last.pt", "best.pt", "student.safetensors", "final_metrics.json")  # a run's results
+# A saved run is evaluated under every rule; its rules resolve from its method, so that runs
+# saved before `auto` (e.g. deit with cls+dist+patch) still load.
+RULES_FOR_SAVED = ["student.inference_rule=auto", "train.best_rule=auto"]
 # optim keys that define the learning-rate schedule (a timm scheduler's saved state holds them)
 SCHEDULE_KEYS = ("epochs", "warmup_epochs", "warmup_lr", "min_lr", "schedule_unit")
 
@@ -83,19 +86,31 @@ def build_student(config: Config) -> torch.nn.Module:
     return wrap_student(model, inference_rule=config.student.inference_rule)
 
 
-def build_teacher(config: Config):
-    if config.distill.method == "none":
+def build_teacher(config: Config, *, dense: bool | None = None) -> DenseTeacher | None:
+    """The frozen teacher of ``distill`` (None for ``none``). It gives dense logits whenever its
+    model can (CSKD needs them; for DeiT they feed the diagnostics); a teacher that cannot (a
+    ViT) is refused under CSKD and gives global logits only under DeiT. ``dense=True`` forces
+    dense logits (``cskd diagnose``)."""
+    if config.distill.method == "none" and dense is None:
         return None
-    teacher = load_teacher(
-        config.teacher.name,
-        config.teacher.checkpoint or None,
-        num_classes=config.data.num_classes,
-        pretrained_tag=config.teacher.pretrained_tag or None,
-        dense=config.distill.method == "cskd",  # DeiT distillation needs only global logits
-        image_size=config.data.image_size,
-        **{"in_chans": config.data.in_chans, **config.teacher.kwargs},
-    )
-    return teacher
+
+    def load(with_dense: bool) -> DenseTeacher:
+        return load_teacher(
+            config.teacher.name,
+            config.teacher.checkpoint or None,
+            num_classes=config.data.num_classes,
+            pretrained_tag=config.teacher.pretrained_tag or None,
+            dense=with_dense,
+            image_size=config.data.image_size,
+            **{"in_chans": config.data.in_chans, **config.teacher.kwargs},
+        )
+
+    if dense or config.distill.method == "cskd":
+        return load(True)
+    try:
+        return load(True)
+    except TeacherError:  # DeiT distillation needs only the global logits
+        return load(False)
 
 
 def scaled_lr(config: Config, global_batch: int) -> float:
@@ -376,8 +391,6 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
 
     distributed.together(preflight.check_data_source, config.data)
     train_set, val_set = distributed.together(build_datasets, config.data, config.augment)
-    if info.is_main:
-        preflight.check_machine(config, world_size=info.world_size)
     sampler = EpochSampler(
         train_set,
         seed=config.train.seed,
@@ -438,6 +451,8 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
         is_main=info.is_main,
     )
 
+    if info.is_main:  # warnings only once every check has passed (errors stay one line)
+        preflight.check_machine(config, world_size=info.world_size)
     source, checkpoint = distributed.together(resume_checkpoint, config, run_dir)
     state = TrainState()
     if checkpoint is not None:
@@ -775,7 +790,9 @@ def evaluate_checkpoint(config: Config | list[str] | None, checkpoint_path: str 
     """
     checkpoint = read_checkpoint(checkpoint_path)
     if config is None or isinstance(config, list):  # the checkpoint's config, plus overrides
-        config = from_dict(apply_overrides(checkpoint["config"], config or []))
+        config = from_dict(
+            apply_overrides(checkpoint["config"], [*RULES_FOR_SAVED, *(config or [])])
+        )
     info = distributed.init_distributed(
         device=config.train.device,
         backend=config.train.dist_backend,
