@@ -202,10 +202,28 @@ def epoch_curve(run_dir: Path) -> list[dict]:
     return curve
 
 
-def run_one(*, recipe: Path, overrides: list[str], run_dir: Path, key: str, path: Path) -> bool:
+def sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run_one(
+    *,
+    recipe: Path,
+    overrides: list[str],
+    run_dir: Path,
+    key: str,
+    path: Path,
+    keeps: Path | None = None,
+) -> bool:
     """Train one run (resuming a half-finished one) and record it; False when another worker
-    holds it. Finished runs are never trained twice."""
-    if key in read_results(path)["runs"]:
+    holds it. Finished runs are never trained twice, unless ``keeps`` (a file the later runs
+    need, the teacher's weights) is gone: run folders are not kept between machines, the
+    results file is. Then the run is trained again (CPU training is deterministic), and its
+    weights' SHA-256 is compared with the one recorded the first time."""
+    finished_before = read_results(path)["runs"].get(key)
+    if finished_before and (keeps is None or keeps.exists()):
         return True
     if not claim(run_dir.parent / "claims", key):
         print(f"[regimes] {key}: another worker is training it, skipped", flush=True)
@@ -225,7 +243,14 @@ def run_one(*, recipe: Path, overrides: list[str], run_dir: Path, key: str, path
         "val": {r: final["last_epoch"][r] for r in RULES if r in final["last_epoch"]},
         "test": {r: final["test_last_epoch"][r] for r in RULES if r in final["test_last_epoch"]},
         "curve": epoch_curve(run_dir),
+        "weights_sha256": sha256(run_dir / "student.safetensors"),
     }
+    if finished_before and finished_before.get("weights_sha256") not in (
+        None,
+        entry["weights_sha256"],
+    ):
+        print(f"[regimes] warning: {key} retrained with other weights than before", flush=True)
+        entry["previous_weights_sha256"] = finished_before["weights_sha256"]
     write_results(path, {"runs": {key: entry}})
     print(f"[regimes] {key}: test {entry['test']} in {entry['wall_s']:.0f} s", flush=True)
     return True
@@ -439,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir=teacher_dir,
             key="teacher",
             path=results_path,
+            keeps=teacher_dir / "student.safetensors",
         ):
             time.sleep(10)  # another worker is training the teacher: wait for it
         checkpoint = teacher_dir / "student.safetensors"

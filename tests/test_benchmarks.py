@@ -137,6 +137,15 @@ def test_regimes_quick_trains_every_method_and_reports_paired_differences(
     # a second start skips every finished run and rewrites the same report
     assert script.main([*arguments, *one_thread]) == 0
     assert json.loads((tmp_path / f"{name}.json").read_text()) == results
+    # on a new machine the run folders are gone: the teacher is trained again, identically
+    teacher = tmp_path / "runs" / f"{regime}_quick" / "teacher"
+    for item in sorted(teacher.rglob("*"), reverse=True):
+        item.unlink() if item.is_file() else item.rmdir()
+    assert script.main([*arguments, *one_thread]) == 0
+    again = json.loads((tmp_path / f"{name}.json").read_text())["runs"]["teacher"]
+    assert (teacher / "student.safetensors").is_file()
+    assert again["weights_sha256"] == results["runs"]["teacher"]["weights_sha256"]
+    assert "previous_weights_sha256" not in again
 
 
 def test_epoch_time_runs_old_and_new_seeding_side_by_side(tmp_path, one_thread):
