@@ -102,93 +102,6 @@ def content_digest(obj: Any) -> str:
     return f"{crc:08x}"
 
 
-def extract_state_dict(obj: dict[str, Any], *, path: str | os.PathLike = "") -> dict[str, Any]:
-    """The model state dict inside a loaded file: plain, ``{"model": ...}`` (DeiT, the CSKD
-    release), ``{"state_dict": ...}`` (timm's train.py) or a cskd training checkpoint (its
-    ``student``), with the ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes removed
-    by timm's ``clean_state_dict``."""
-    from timm.models import clean_state_dict
-
-    for key in ("model", "state_dict", "student"):
-        if isinstance(obj.get(key), dict):
-            return clean_state_dict(obj[key])
-    if obj and all(isinstance(value, torch.Tensor) for value in obj.values()):
-        return clean_state_dict(obj)
-    raise CheckpointError(
-        f"checkpoint {path} holds no state dict (expected tensors, or a 'model', 'state_dict' "
-        "or 'student' entry)"
-    )
-
-
-def check_state_fits(
-    state: dict[str, Any], model: torch.nn.Module, *, path: str | os.PathLike, what: str
-) -> None:
-    """Raise :class:`CheckpointError` naming the keys and shapes where ``state`` and ``model``
-    differ; a classifier with another number of classes is named first, with both numbers."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = [
-        f"{key} {tuple(state[key].shape)} vs {tuple(expected[key].shape)}"
-        for key in sorted(set(state) & set(expected))
-        if state[key].shape != expected[key].shape
-    ]
-    if not (missing or unexpected or wrong_shape):
-        return
-    heads = _classifier_weights(model)
-    head_keys = {key.rsplit(".", 1)[0] for key, _ in heads}
-    only_heads = not missing and not unexpected
-    only_heads &= all(item.split(" ")[0].rsplit(".", 1)[0] in head_keys for item in wrong_shape)
-    for key, classes in heads if only_heads else []:
-        saved = state.get(key)
-        if saved is not None and saved.ndim == 2 and saved.shape[0] != classes:
-            raise CheckpointError(
-                f"checkpoint {path} has a {saved.shape[0]}-class head but the {what} is built "
-                f"for {classes} classes (data.num_classes={classes}): "
-                f"{key} {tuple(saved.shape)} vs {tuple(expected[key].shape)}; use a checkpoint "
-                f"trained on the data's {classes} classes"
-            )
-    parts = []
-    if missing:
-        parts.append(f"missing keys {_few(missing)}")
-    if unexpected:
-        parts.append(f"unexpected keys {_few(unexpected)}")
-    if wrong_shape:
-        parts.append(f"shape mismatches {_few(wrong_shape)}")
-    raise CheckpointError(
-        f"checkpoint {path} does not fit the {what} ({type(model).__name__}): "
-        + "; ".join(parts)
-        + " - is it a checkpoint of another architecture or number of classes?"
-    )
-
-
-def _classifier_weights(model: torch.nn.Module) -> list[tuple[str, int]]:
-    """``(state-dict key of the weight, number of classes)`` of each timm classifier head."""
-    inner = model if hasattr(model, "get_classifier") else getattr(model, "model", None)
-    if inner is None or not hasattr(inner, "get_classifier"):
-        return []
-    heads = inner.get_classifier()
-    heads = heads if isinstance(heads, tuple) else (heads,)
-    names = {id(module): name for name, module in inner.named_modules()}
-    return [
-        (f"{names[id(head)]}.weight", head.out_features)
-        for head in heads
-        if isinstance(head, torch.nn.Linear) and id(head) in names
-    ]
-
-
-def load_weights(model: torch.nn.Module, path: str | os.PathLike, *, what: str = "model") -> None:
-    """Load a weights file into ``model`` strictly; mismatching keys and shapes are named."""
-    state = extract_state_dict(read_file(path), path=path)
-    check_state_fits(state, model, path=path, what=what)
-    model.load_state_dict(state)
-
-
-def _few(items: list[str], limit: int = 4) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
-
-
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -258,11 +171,19 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
         raise _write_failure(path, error) from error
 
 
-def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Write a safetensors file atomically; tensors are made contiguous and moved to the CPU."""
+def save_safetensors_atomic(
+    tensors: dict[str, torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write a safetensors file atomically; tensors are made contiguous and moved to the CPU.
+    ``metadata`` (strings only) goes into the file's header."""
     tensors = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
     try:
-        _atomic_write(Path(path), lambda file: file.write(safetensors_bytes(tensors)))
+        _atomic_write(
+            Path(path), lambda file: file.write(safetensors_bytes(tensors, metadata=metadata))
+        )
     except (OSError, RuntimeError) as error:
         if not _is_write_failure(error):
             raise

@@ -36,6 +36,14 @@ class StudentConfig:
     kwargs: dict = field(default_factory=dict)  # passed to timm.create_model (img_size, depth...)
     drop_path: float = 0.1  # stochastic depth rate (timm drop_path_rate)
     inference_rule: str = "auto"  # auto (the method's own) | cls | cls+dist | cls+dist+patch
+    # initial weights: a local file (.safetensors, state dict, DeiT/timm/cskd checkpoint) or a
+    # cskd run directory; heads of another class count are re-initialised, position embeddings
+    # resampled to the patch grid, input channels adapted (docs/design.md "Initial weights")
+    checkpoint: str = ""
+    pretrained_tag: str = ""  # or a timm tag (e.g. fb_in1k) fetched from timm's hub
+    checkpoint_ema: bool = False  # take the file's EMA weights (state_dict_ema, model_ema, ema)
+    reset_head: bool = False  # re-initialise the heads even when their class count fits
+    trainable: str = "all"  # all | head: only the classifier heads train (a linear probe)
 
 
 @dataclass
@@ -155,6 +163,7 @@ class Config:
 
 CHOICES = {
     "student.inference_rule": ("auto", *INFERENCE_RULES),
+    "student.trainable": ("all", "head"),
     "data.dataset": ("folder", "fashion_mnist", "translated_fashion_mnist", "synthetic"),
     "augment.interpolation": ("bicubic", "bilinear", "nearest"),
     "distill.method": METHODS,
@@ -348,7 +357,28 @@ def validate(config: Config) -> Config:
         )
     if len(config.teacher.mean) != len(config.teacher.std):
         raise ConfigError("teacher.mean and teacher.std must have the same length")
+    _check_initial_weights(config)
     return config
+
+
+def _check_initial_weights(config: Config) -> None:
+    for section in ("student", "teacher"):
+        if get_value(config, f"{section}.checkpoint") and get_value(
+            config, f"{section}.pretrained_tag"
+        ):
+            raise ConfigError(
+                f"{section}.checkpoint and {section}.pretrained_tag are both set: keep one"
+            )
+    student = config.student
+    if not (student.checkpoint or student.pretrained_tag):
+        for key in ("checkpoint_ema", "reset_head"):
+            if getattr(student, key):
+                raise ConfigError(
+                    f"student.{key}=true needs initial weights: set student.checkpoint (or "
+                    "student.pretrained_tag)"
+                )
+    if student.checkpoint_ema and student.pretrained_tag:
+        raise ConfigError("student.checkpoint_ema applies to student.checkpoint, not to a tag")
 
 
 # The inference rule of each method (``auto``), and the rules whose heads the method trains.

@@ -639,15 +639,16 @@ _IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 _HIGH_BIT_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-def _load_rgb(path: str) -> Image.Image:
-    """Read an image as 8-bit RGB. 16-bit greyscale (PNG mode ``I;16``, or ``I``) is scaled
-    from 0..65535 to 0..255 first: Pillow's own conversion clips it, making it almost white."""
+def _load_image(path: str, mode: str = "RGB") -> Image.Image:
+    """Read an image as 8-bit ``mode`` (RGB, or L for greyscale). 16-bit greyscale (PNG mode
+    ``I;16``, or ``I``) is scaled from 0..65535 to 0..255 first: Pillow's own conversion clips
+    it, making it almost white."""
     with Image.open(path) as image:
         if image.mode in _HIGH_BIT_DEPTH:
             levels = np.asarray(image, dtype=np.float64) / 257.0  # 65535 -> 255
             levels = np.clip(levels, 0, 255).round().astype(np.uint8)
-            return Image.fromarray(levels).convert("RGB")
-        return image.convert("RGB")
+            return Image.fromarray(levels).convert(mode)
+        return image.convert(mode)
 
 
 def _visible(name: str) -> bool:
@@ -679,7 +680,8 @@ class _VisibleImageFolder(torchvision.datasets.ImageFolder):
 
 
 class ImageFolderDataset(Dataset):
-    """One split of an ImageNet-style tree: ``root/<split>/<class>/<image>``, read as RGB.
+    """One split of an ImageNet-style tree: ``root/<split>/<class>/<image>``, read as RGB
+    (``channels=3``) or greyscale (``channels=1``).
 
     A corrupt or truncated image raises DataError naming the file, unless ``skip_corrupt`` is
     set: then the next readable sample (index + 1, wrapping around) is returned in its place,
@@ -695,7 +697,14 @@ class ImageFolderDataset(Dataset):
         split: str,
         transform: Transform | None = None,
         skip_corrupt: bool = False,
+        channels: int = 3,
     ) -> None:
+        if channels not in (1, 3):
+            raise DataError(
+                f"image folders are read as RGB (data.in_chans=3) or greyscale (data.in_chans=1), "
+                f"not with {channels} channels"
+            )
+        self.mode = "RGB" if channels == 3 else "L"
         directory = Path(root) / split
         if not directory.is_dir():
             raise DataError(
@@ -734,7 +743,7 @@ class ImageFolderDataset(Dataset):
         for _ in range(len(self.samples)):
             path, target = self.samples[source]
             try:
-                image = _load_rgb(path)
+                image = _load_image(path, self.mode)
             except _IMAGE_ERRORS as error:
                 if not self.skip_corrupt:
                     message = str(error).replace("\n", " ")
@@ -856,27 +865,9 @@ def split_indices(
     return train, val
 
 
-def build_datasets(data_cfg: Any, augment_cfg: Any) -> tuple[Dataset, Dataset]:
-    """Build the (train, val) datasets from the data and augment configs.
-
-    Validation always uses :class:`EvalTransform`. With ``data_cfg.val_split > 0`` the
-    validation set is held out of the training images (disjoint from the training subset),
-    so the official test/val split is only touched for final numbers.
-    """
-    train_transform = TrainTransform(
-        image_size=data_cfg.image_size,
-        scale=tuple(augment_cfg.scale),
-        hflip=augment_cfg.hflip,
-        randaugment=augment_cfg.randaugment,
-        color_jitter=augment_cfg.color_jitter,
-        interpolation=augment_cfg.interpolation,
-        mean=tuple(data_cfg.mean),
-    )
-    eval_transform = EvalTransform(
-        image_size=data_cfg.image_size,
-        crop_pct=data_cfg.eval_crop_pct,
-        interpolation=augment_cfg.interpolation,
-    )
+def _split_maker(data_cfg: Any) -> tuple[Callable[[str, Transform], Dataset], str]:
+    """``(make(split, transform) -> Dataset, name of the official validation split)`` for
+    ``data.dataset``; raises DataError for an unknown dataset or impossible channels."""
     kind = data_cfg.dataset
     if kind in ("fashion_mnist", "translated_fashion_mnist"):
         if data_cfg.in_chans != 1:
@@ -899,13 +890,11 @@ def build_datasets(data_cfg: Any, augment_cfg: Any) -> tuple[Dataset, Dataset]:
     elif kind == "folder":
         if not data_cfg.root:
             raise DataError("data.dataset=folder needs data.root (the folder with train/, val/)")
-        if data_cfg.in_chans != 3:
+        if data_cfg.in_chans not in (1, 3):
             raise DataError(
-                f"image folders are read as RGB but data.in_chans={data_cfg.in_chans}: "
-                "set data.in_chans=3"
+                f"image folders are read as RGB or greyscale but data.in_chans="
+                f"{data_cfg.in_chans}: set data.in_chans=3 (or 1 for greyscale)"
             )
-        if data_cfg.val_split == 0:
-            check_class_folders(data_cfg.root)
 
         def make(split: str, transform: Transform) -> Dataset:
             return ImageFolderDataset(
@@ -913,6 +902,7 @@ def build_datasets(data_cfg: Any, augment_cfg: Any) -> tuple[Dataset, Dataset]:
                 split=split,
                 transform=transform,
                 skip_corrupt=data_cfg.skip_corrupt,
+                channels=data_cfg.in_chans,
             )
 
         official_val_split = "val"
@@ -936,11 +926,39 @@ def build_datasets(data_cfg: Any, augment_cfg: Any) -> tuple[Dataset, Dataset]:
             "'translated_fashion_mnist' or 'synthetic'"
         )
 
+    return make, official_val_split
+
+
+def build_datasets(data_cfg: Any, augment_cfg: Any) -> tuple[Dataset, Dataset]:
+    """Build the (train, val) datasets from the data and augment configs.
+
+    Validation always uses :class:`EvalTransform`. With ``data_cfg.val_split > 0`` the
+    validation set is held out of the training images (disjoint from the training subset),
+    so the official test/val split is only touched for final numbers.
+    """
+    train_transform = TrainTransform(
+        image_size=data_cfg.image_size,
+        scale=tuple(augment_cfg.scale),
+        hflip=augment_cfg.hflip,
+        randaugment=augment_cfg.randaugment,
+        color_jitter=augment_cfg.color_jitter,
+        interpolation=augment_cfg.interpolation,
+        mean=tuple(data_cfg.mean),
+    )
+    eval_transform = EvalTransform(
+        image_size=data_cfg.image_size,
+        crop_pct=data_cfg.eval_crop_pct,
+        interpolation=augment_cfg.interpolation,
+    )
+    make, official_val_split = _split_maker(data_cfg)
+    if data_cfg.dataset == "folder" and data_cfg.val_split == 0:
+        check_class_folders(data_cfg.root)
     full_train = make("train", train_transform)
     classes = full_train.classes
     if len(classes) != data_cfg.num_classes:
         raise DataError(
-            f"data.num_classes={data_cfg.num_classes} but the {kind} dataset has {len(classes)} "
+            f"data.num_classes={data_cfg.num_classes} but the {data_cfg.dataset} dataset has "
+            f"{len(classes)} "
             f"classes: set data.num_classes={len(classes)}"
         )
     train_indices, val_indices = split_indices(
@@ -960,6 +978,28 @@ def build_datasets(data_cfg: Any, augment_cfg: Any) -> tuple[Dataset, Dataset]:
         held_out.transform = eval_transform
         val = SubsetDataset(dataset=held_out, indices=val_indices)
     return train, val
+
+
+def build_eval_set(data_cfg: Any, augment_cfg: Any) -> Dataset:
+    """The validation set alone, as :func:`build_datasets` gives it; with ``data.val_split`` 0
+    only the official split is read (an image folder needs only ``val/``). Raises DataError
+    when its classes are not ``data.num_classes``."""
+    if data_cfg.val_split:
+        return build_datasets(data_cfg, augment_cfg)[1]
+    make, official_val_split = _split_maker(data_cfg)
+    transform = EvalTransform(
+        image_size=data_cfg.image_size,
+        crop_pct=data_cfg.eval_crop_pct,
+        interpolation=augment_cfg.interpolation,
+    )
+    val = make(official_val_split, transform)
+    if len(val.classes) != data_cfg.num_classes:
+        raise DataError(
+            f"data.num_classes={data_cfg.num_classes} but the {data_cfg.dataset} "
+            f"{official_val_split} split has {len(val.classes)} classes: evaluate on data with "
+            "the model's classes"
+        )
+    return val
 
 
 def build_test_set(data_cfg: Any, augment_cfg: Any) -> Dataset:

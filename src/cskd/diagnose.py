@@ -22,10 +22,11 @@ import torch
 
 from . import diagnostics
 from .config import ConfigError, load_config
-from .data import build_datasets
+from .data import build_eval_set
 from .engine import normalizer
 from .models import DenseStudent, TeacherError
 from .train import RULES_FOR_SAVED, build_student, build_teacher, read_checkpoint
+from .weights import load_adapted
 
 log = logging.getLogger("cskd")
 
@@ -46,7 +47,9 @@ def diagnose_run(
     saved = read_checkpoint(run_dir / checkpoint)
     config = load_config(config_path, [*RULES_FOR_SAVED, *(overrides or []), "train.device=cpu"])
     student = build_student(config)
-    student.load_state_dict(saved["student"])
+    load_adapted(
+        student, saved["student"], path=run_dir / checkpoint, what="student", adapt_head=False
+    )
     student.eval()
     teacher = None
     if config.teacher.checkpoint or config.teacher.pretrained_tag:
@@ -54,7 +57,7 @@ def diagnose_run(
             teacher = build_teacher(config, dense=True)
         except TeacherError:
             teacher = build_teacher(config)
-    _, val_set = build_datasets(config.data, config.augment)
+    val_set = build_eval_set(config.data, config.augment)
     device = torch.device("cpu")
     probe = diagnostics.Probe(
         val_set,

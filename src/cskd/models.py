@@ -12,6 +12,7 @@ parameters, and returns the same named structure in train and eval mode.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass
 
@@ -21,7 +22,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from .align import align_to_grid
-from .checkpoint import load_weights
+from .checkpoint import CheckpointError
+from .weights import init_from, load_adapted, read_export_metadata, read_state_dict, resolve_source
+
+log = logging.getLogger("cskd")
 
 INFERENCE_RULES = ("cls", "cls+dist", "cls+dist+patch")
 
@@ -168,18 +172,31 @@ def load_teacher(
 ) -> DenseTeacher:
     """Build the timm model ``name`` with its weights and wrap it as a :class:`DenseTeacher`.
 
-    ``checkpoint``: a local ``.safetensors`` file, a plain state dict, or a dict with a ``model``
-    entry (DeiT's released ``regnety_160`` weights), always read without unpickling code.
-    Without a checkpoint, ``pretrained_tag`` (e.g. ``deit_in1k``) asks timm's hub for weights.
+    ``checkpoint``: a weights file in any form :func:`cskd.weights.extract_state_dict` reads
+    (``.safetensors``, a state dict, DeiT's ``{"model": ...}``, timm's ``{"state_dict": ...}``,
+    a cskd ``best.pt``) or a cskd run directory, read without unpickling code; another number of
+    input channels is adapted, but its head must have the data's ``num_classes`` (else
+    :class:`~cskd.checkpoint.CheckpointError` pointing at the teacher-refit recipe). Without a
+    checkpoint, ``pretrained_tag`` (e.g. ``deit_in1k``) asks timm's hub for weights.
     ``dense`` and ``image_size``: see :class:`DenseTeacher` (``dense=False`` for DeiT
     distillation, which needs only global logits; ``image_size`` is the data's).
     """
     if checkpoint:
         model = timm.create_model(name, pretrained=False, num_classes=num_classes, **model_kwargs)
-        load_weights(model, checkpoint, what=f"teacher {name}")
+        try:
+            lines = init_from(model, checkpoint, what=f"teacher {name}", adapt_head=False)
+            for line in lines[1:]:  # the adaptations (the file is named in the config)
+                log.info(line)
+        except CheckpointError as error:
+            if "-class head" not in str(error):
+                raise
+            raise CheckpointError(
+                f"{error}; a teacher must know the data's classes: refit it on your data first "
+                "(configs/finetune/teacher_resnet50.yaml, README 'Your own data')"
+            ) from None
     elif pretrained_tag:
-        model = timm.create_model(
-            f"{name}.{pretrained_tag}", pretrained=True, num_classes=num_classes, **model_kwargs
+        model = create_pretrained(
+            name, pretrained_tag, what="teacher", num_classes=num_classes, **model_kwargs
         )
     else:
         raise TeacherError(
@@ -187,6 +204,21 @@ def load_teacher(
             "teacher.pretrained_tag to a timm tag (e.g. deit_in1k)"
         )
     return DenseTeacher(model, name=name, dense=dense, check_size=image_size)
+
+
+def create_pretrained(name: str, tag: str, *, what: str, **kwargs) -> nn.Module:
+    """``timm.create_model(f"{name}.{tag}", pretrained=True, **kwargs)``: timm fetches the weights
+    from its hub and adapts the head, input channels and position embeddings itself. A failed
+    fetch (no network, an unknown tag) becomes one :class:`~cskd.checkpoint.CheckpointError`."""
+    try:
+        return timm.create_model(f"{name}.{tag}", pretrained=True, **kwargs)
+    except Exception as error:  # noqa: BLE001 - hub, network and tag errors: one line each
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CheckpointError(
+            f"could not get timm's {name}.{tag} weights for the {what} ({reason[:200]}): check "
+            f"the tag, or without a network download them elsewhere and set {what}.checkpoint "
+            "to the file"
+        ) from None
 
 
 class DenseStudent(nn.Module):
@@ -328,3 +360,33 @@ def wrap_student(
 def rules_for(student: nn.Module) -> tuple[str, ...]:
     """The inference rules that differ for this student (all three for a ViT, ``cls`` for a CNN)."""
     return INFERENCE_RULES if isinstance(student, DenseStudent) else ("cls",)
+
+
+def load_student(
+    path: str | os.PathLike, *, image_size: int | None = None
+) -> DenseStudent | PlainClassifier:
+    """Rebuild an exported student from its file alone: ``student.safetensors`` (or the run
+    directory holding it) carries the timm name, keyword arguments, classes, input size,
+    normalisation and inference rule (:func:`cskd.weights.export_metadata`), kept on the
+    result as ``.export``. ``image_size`` builds a ViT for another input size, its position
+    embeddings resampled as timm does. ``student(images)`` then takes (N, C, S, S) images
+    normalised with ``.export["mean"]``/``["std"]``; ``.predict`` gives (N, K) logits under
+    the saved rule. Raises :class:`~cskd.checkpoint.CheckpointError` for a file without cskd
+    metadata."""
+    source = resolve_source(path)
+    info = read_export_metadata(source) if source.suffix == ".safetensors" else None
+    if info is None:
+        raise CheckpointError(
+            f"{source} carries no cskd export metadata (only student.safetensors written by "
+            "cskd train does): build the model with timm.create_model and load the weights"
+        )
+    state, _ = read_state_dict(source)
+    kwargs = dict(info["model_kwargs"])
+    if image_size and "pos_embed" in state:
+        kwargs["img_size"] = image_size
+    model = timm.create_model(info["timm_name"], pretrained=False, **kwargs)
+    for line in load_adapted(model, state, path=source, what="student", adapt_head=False):
+        log.info(line)
+    student = wrap_student(model, inference_rule=info["inference_rule"])
+    student.export = info
+    return student

@@ -17,7 +17,7 @@ missing or empty data directory                               :func:`check_data_
 class folders that differ between train and val               ``data.check_class_folders``
 data.num_classes unlike the data's classes                    ``data.build_datasets``
 missing, unreadable or code-carrying checkpoint               ``checkpoint.read_file``
-checkpoint of another architecture or number of classes       ``checkpoint.check_state_fits``
+checkpoint of another architecture or number of classes       ``weights.check_state_fits``
 teacher head that cannot give dense logits (ConvNeXt)         ``models.DenseTeacher``
 student built for another image size                          :func:`check_student_input`
 student grid smaller than the teacher's                       :func:`check_run` (``align``)
@@ -48,10 +48,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .align import check_grids
-from .checkpoint import check_state_fits
 from .config import Config, ConfigError, DataConfig
 from .data import DataError
 from .models import DenseStudent, DenseTeacher
+from .weights import check_state_fits
 
 log = logging.getLogger("cskd")
 
@@ -329,7 +329,7 @@ def check_run(
     if not is_main:
         return
     # (a teacher of another class count never gets here: build_teacher creates the model for
-    # data.num_classes and checkpoint.check_state_fits names a head of another size)
+    # data.num_classes and weights.check_state_fits names a head of another size)
     if teacher is not None:
         if config.distill.method == "cskd" and isinstance(student, DenseStudent):
             size = config.data.image_size

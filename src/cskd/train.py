@@ -35,13 +35,29 @@ from .checkpoint import (
     save_safetensors_atomic,
 )
 from .config import Config, ConfigError, apply_overrides, dump_config, from_dict, to_dict
-from .data import build_datasets, build_test_set
+from .data import build_datasets, build_eval_set, build_test_set
 from .engine import Distiller, Trainer, TrainState, evaluate, normalizer
 from .losses import ObjectiveWeights
-from .models import DenseTeacher, TeacherError, load_teacher, rules_for, wrap_student
+from .models import (
+    DenseTeacher,
+    TeacherError,
+    create_pretrained,
+    load_teacher,
+    rules_for,
+    wrap_student,
+)
 from .runlog import MetricsWriter, setup_logging, truncate_after
 from .sampling import EpochSampler, eval_loader, resume_step, sample_seed, train_loader
 from .schedules import training_progress
+from .weights import (
+    classifier_weights,
+    export_metadata,
+    init_from,
+    load_adapted,
+    read_export_metadata,
+    read_state_dict,
+    resolve_source,
+)
 
 log = logging.getLogger("cskd")
 CHECKPOINT_KEYS = ("student", "optimizer", "scheduler", "state", "rng", "config")
@@ -74,15 +90,37 @@ def prepare_run_dir(config: Config, *, is_main: bool) -> Path:
     return run_dir
 
 
-def build_student(config: Config) -> torch.nn.Module:
-    kwargs = {"drop_path_rate": config.student.drop_path, **config.student.kwargs}
-    model = timm.create_model(
-        config.student.name,
-        pretrained=False,
-        num_classes=config.data.num_classes,
-        in_chans=config.data.in_chans,
-        **kwargs,
-    )
+def build_student(config: Config, *, initial_weights: bool = False) -> torch.nn.Module:
+    """The student, wrapped (:func:`~cskd.models.wrap_student`). With ``initial_weights`` (a
+    fresh training run) it starts from ``student.checkpoint`` or ``student.pretrained_tag``,
+    adapted by :func:`cskd.weights.init_from`; ``student.trainable=head`` then freezes all but
+    the classifier heads."""
+    kwargs = {
+        "num_classes": config.data.num_classes,
+        "in_chans": config.data.in_chans,
+        "drop_path_rate": config.student.drop_path,
+        **config.student.kwargs,
+    }
+    name, what = config.student.name, f"student {config.student.name}"
+    if initial_weights and config.student.pretrained_tag:
+        model = create_pretrained(name, config.student.pretrained_tag, what="student", **kwargs)
+        log.info(f"{what}: initialised from timm's {name}.{config.student.pretrained_tag}")
+    else:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    if initial_weights and config.student.checkpoint:
+        for line in init_from(
+            model,
+            config.student.checkpoint,
+            what=what,
+            ema=config.student.checkpoint_ema,
+            reset_head=config.student.reset_head,
+        ):
+            log.info(line)
+    if config.student.trainable == "head":
+        heads = {key.rsplit(".", 1)[0] for key, _ in classifier_weights(model)}
+        for parameter_name, parameter in model.named_parameters():
+            parameter.requires_grad_(parameter_name.rsplit(".", 1)[0] in heads)
+        log.info(f"{what}: only {', '.join(sorted(heads))} train (student.trainable=head)")
     return wrap_student(model, inference_rule=config.student.inference_rule)
 
 
@@ -408,7 +446,8 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
         )
     val_loader, test_loader = build_eval_loaders(config, val_set, info)
 
-    student = build_student(config).to(device)
+    fresh = resume_path(config, run_dir) is None  # a resumed run's weights come from last.pt
+    student = distributed.together(build_student, config, initial_weights=fresh).to(device)
     teacher = distributed.together(build_teacher, config)
     if teacher is not None:
         teacher = teacher.to(device)
@@ -585,7 +624,14 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
         final, test = measured["eval"], measured.get("test")
     if info.is_main:
         write_final_outputs(
-            run_dir, config, student=student, ema=ema, state=state, last=final, test=test
+            run_dir,
+            config,
+            student=student,
+            ema=ema,
+            state=state,
+            last=final,
+            test=test,
+            classes=list(getattr(train_set, "classes", None) or []),
         )
     metrics_writer.close()
     return final
@@ -693,15 +739,52 @@ class EpochEvaluation:
 
 
 def write_final_outputs(
-    run_dir: Path, config: Config, *, student, ema, state: TrainState, last: dict, test: dict | None
+    run_dir: Path,
+    config: Config,
+    *,
+    student,
+    ema,
+    state: TrainState,
+    last: dict,
+    test: dict | None,
+    classes: list[str],
 ) -> None:
-    """``student.safetensors`` (and the EMA's), ``final_metrics.json`` and the summary line."""
-    save_safetensors_atomic(student.state_dict(), run_dir / "student.safetensors")
+    """``student.safetensors`` (and the EMA's), each describing itself
+    (:func:`export_info`), ``final_metrics.json`` and the summary line."""
+    metadata = export_info(config, classes)
+    save_safetensors_atomic(
+        student.state_dict(), run_dir / "student.safetensors", metadata=metadata
+    )
     if ema is not None:
-        save_safetensors_atomic(ema.module.state_dict(), run_dir / "student_ema.safetensors")
+        save_safetensors_atomic(
+            ema.module.state_dict(), run_dir / "student_ema.safetensors", metadata=metadata
+        )
     summary = final_summary(last, state.best, last_epoch=config.optim.epochs - 1, test=test)
     (run_dir / "final_metrics.json").write_text(json.dumps(summary, indent=2))
     log.info(_final_line(summary, config.train.best_rule))
+
+
+def export_info(config: Config, classes: list[str]) -> dict[str, str]:
+    """What an exported student says about itself (:func:`cskd.weights.export_metadata`):
+    enough to rebuild it (:func:`cskd.models.load_student`) and feed it images."""
+    size = config.data.image_size
+    return export_metadata(
+        timm_name=config.student.name,
+        model_kwargs={
+            **config.student.kwargs,
+            "num_classes": config.data.num_classes,
+            "in_chans": config.data.in_chans,
+        },
+        num_classes=config.data.num_classes,
+        class_names=[str(name) for name in classes],
+        input_size=[config.data.in_chans, size, size],
+        mean=list(config.data.mean),
+        std=list(config.data.std),
+        interpolation=config.augment.interpolation,
+        crop_pct=config.data.eval_crop_pct,
+        inference_rule=config.student.inference_rule,
+        method=config.distill.method,
+    )
 
 
 def update_best(best: dict, metrics: dict, *, epoch: int) -> None:
@@ -784,22 +867,48 @@ def _summary(epoch: int, epochs: int, train_means: dict, metrics: dict) -> str:
 
 
 def evaluate_checkpoint(config: Config | list[str] | None, checkpoint_path: str | Path) -> dict:
-    """Metrics of a saved checkpoint for every rule (and its EMA weights, when saved).
+    """Metrics of saved weights under every rule (and of their EMA weights, when saved).
 
-    ``config``: a Config, or ``key=value`` overrides of the config saved in the checkpoint.
+    ``checkpoint_path``: a cskd training checkpoint (``last.pt``, ``best.pt``), a run directory
+    (its ``last.pt``, else its exported student) or an exported ``student.safetensors``, whose
+    metadata rebuilds the model. ``config``: a Config, or ``key=value`` overrides of the
+    checkpoint's own config (an exported student's: its model and normalisation, with
+    ``data.dataset=folder``, so ``data.root=FOLDER`` is all it needs; only ``val/`` is read).
+    ``data.image_size`` may differ from training: a ViT's position embeddings are resampled.
     """
-    checkpoint = read_checkpoint(checkpoint_path)
-    if config is None or isinstance(config, list):  # the checkpoint's config, plus overrides
-        config = from_dict(
-            apply_overrides(checkpoint["config"], [*RULES_FOR_SAVED, *(config or [])])
+    path = Path(checkpoint_path)
+    if path.is_dir():
+        path = path / "last.pt" if (path / "last.pt").is_file() else resolve_source(path)
+    exported = read_export_metadata(path) if path.suffix == ".safetensors" else None
+    if exported is not None:
+        saved_config = config_of_export(exported)
+        state, _ = read_state_dict(path)
+        states = {"student": state, "ema": None}
+    elif path.suffix == ".safetensors":
+        raise CheckpointError(
+            f"{path} carries no cskd export metadata: evaluate a training checkpoint (last.pt) "
+            "or a student.safetensors written by cskd train"
         )
+    else:
+        checkpoint = read_checkpoint(path)
+        saved_config = checkpoint["config"]
+        states = {"student": checkpoint["student"], "ema": checkpoint.get("ema")}
+    if config is None or isinstance(config, list):  # the saved config, plus overrides
+        config = from_dict(apply_overrides(saved_config, [*RULES_FOR_SAVED, *(config or [])]))
+    if "pos_embed" in states["student"]:  # a ViT: built for the size it is evaluated at
+        config.student.kwargs = {**config.student.kwargs, "img_size": config.data.image_size}
     info = distributed.init_distributed(
         device=config.train.device,
         backend=config.train.dist_backend,
         timeout_s=config.train.dist_timeout_s,
     )
     device = info.device
-    _, val_set = build_datasets(config.data, config.augment)
+    val_set = build_eval_set(config.data, config.augment)
+    if exported is not None and list(val_set.classes or []) != exported["class_names"]:
+        log.warning(
+            f"the model was trained on classes {exported['class_names'][:5]}... but the data has "
+            f"{list(val_set.classes)[:5]}...: accuracy assumes both are in the same order"
+        )
     loader = eval_loader(
         val_set,
         batch_size=config.data.eval_batch_size or 2 * config.data.batch_size,
@@ -809,14 +918,17 @@ def evaluate_checkpoint(config: Config | list[str] | None, checkpoint_path: str 
         pin_memory=device.type == "cuda",
     )
     preflight.check_models(config)
-    student = build_student(config).to(device)
+    student = build_student(config)
     what = f"student {config.student.name}"
-    preflight.check_state_fits(checkpoint["student"], student, path=checkpoint_path, what=what)
-    student.load_state_dict(checkpoint["student"])
+    for line in load_adapted(student, states["student"], path=path, what=what, adapt_head=False):
+        log.info(line)
+    student = student.to(device)
     ema = None
-    if checkpoint.get("ema") is not None:
+    if states["ema"] is not None:
         ema = ModelEmaV3(student, decay=config.train.ema_decay)
-        ema.module.load_state_dict(checkpoint["ema"])
+        load_adapted(
+            ema.module, states["ema"], path=path, what=f"EMA of the {what}", adapt_head=False
+        )
     norm = normalizer(config.data.mean, config.data.std, device)
     try:
         return _evaluate_all(
@@ -831,3 +943,28 @@ def evaluate_checkpoint(config: Config | list[str] | None, checkpoint_path: str 
         )
     finally:
         distributed.shutdown()
+
+
+def config_of_export(info: dict) -> dict:
+    """The config (as a dict) an exported student's metadata implies: its model, classes,
+    input size, normalisation and rule, evaluated on an image folder (``data.root`` to set)."""
+    kwargs = {
+        key: value
+        for key, value in info["model_kwargs"].items()
+        if key not in ("num_classes", "in_chans")
+    }
+    channels, size, _ = info["input_size"]
+    return {
+        "student": {"name": info["timm_name"], "kwargs": kwargs},
+        "data": {
+            "dataset": "folder",
+            "num_classes": info["num_classes"],
+            "in_chans": channels,
+            "image_size": size,
+            "mean": info["mean"],
+            "std": info["std"],
+            "eval_crop_pct": info["crop_pct"],
+        },
+        "augment": {"interpolation": info["interpolation"]},
+        "distill": {"method": info["method"]},
+    }

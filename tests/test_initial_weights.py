@@ -1,0 +1,297 @@
+"""Starting from saved weights (issue 12): every file form initialises a student and a teacher,
+at other sizes, class counts and input channels; every transferred tensor equals its source,
+resampled position embeddings equal timm's resampling; anything else is one line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from conftest import TINY_STUDENT, TINY_TEACHER
+from safetensors.torch import save_file
+from timm.layers import resample_abs_pos_embed, resample_patch_embed
+from timm.models import adapt_input_conv
+
+from cskd.checkpoint import CheckpointError
+from cskd.cli import main
+from cskd.config import ConfigError, load_config
+from cskd.models import load_teacher
+from cskd.train import build_student
+
+VIT = "deit_tiny_distilled_patch16_224"
+
+
+def _source_vit() -> dict[str, torch.Tensor]:
+    """A 10-class, 3-channel, 32 px (8 x 8 grid) distilled ViT's weights."""
+    torch.manual_seed(1)
+    model = timm.create_model(VIT, num_classes=10, in_chans=3, **TINY_STUDENT)
+    return {key: value.clone() for key, value in model.state_dict().items()}
+
+
+def _write(form: str, state: dict, directory: Path) -> tuple[Path, bool]:
+    """Write ``state`` the way another tool would; (path, whether it sits in an EMA entry)."""
+    path = directory / ("weights.safetensors" if form == "safetensors" else "weights.pth")
+    forms = {
+        "plain": state,
+        "ddp": {"module." + key: value for key, value in state.items()},
+        "compiled": {"_orig_mod." + key: value for key, value in state.items()},
+        "deit-main": {"model": state, "epoch": 299, "args": argparse.Namespace(lr=5e-4)},
+        "timm-train": {"state_dict": state, "args": argparse.Namespace(model=VIT)},
+        "timm-train-ema": {
+            "state_dict": {key: torch.zeros_like(value) for key, value in state.items()},
+            "state_dict_ema": state,
+            "args": argparse.Namespace(model=VIT),
+        },
+        "deit-main-ema": {"model": {}, "model_ema": state},
+    }
+    if form == "safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(forms[form], path)
+    return path, form.endswith("-ema")
+
+
+def _student_config(path: Path, **extra) -> object:
+    """A 5-class, 1-channel, 48 px (12 x 12 grid) student starting from ``path``."""
+    kwargs = {**TINY_STUDENT, "img_size": 48}
+    values = {
+        "student.kwargs": str(kwargs).replace("'", ""),
+        "student.checkpoint": str(path),
+        "data.num_classes": 5,
+        "data.in_chans": 1,
+        "data.image_size": 48,
+        "data.mean": "[0.5]",
+        "data.std": "[0.5]",
+        **extra,
+    }
+    return load_config(None, [f"{key}={value}" for key, value in values.items()])
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        "safetensors",
+        "plain",
+        "ddp",
+        "compiled",
+        "deit-main",
+        "timm-train",
+        "timm-train-ema",
+        "deit-main-ema",
+    ],
+)
+def test_each_file_form_initialises_a_student_at_another_size_class_count_and_channels(
+    tmp_path, form
+):
+    source = _source_vit()
+    path, ema = _write(form, source, tmp_path)
+    torch.manual_seed(0)
+    fresh = build_student(_student_config(path, **{"student.checkpoint_ema": ema}))
+    torch.manual_seed(0)  # the same draws as the fresh model: re-initialised heads equal its own
+    student = build_student(
+        _student_config(path, **{"student.checkpoint_ema": ema}), initial_weights=True
+    )
+    loaded, untouched = student.state_dict(), fresh.state_dict()
+    for key, value in loaded.items():
+        if key.startswith(("head.", "head_dist.")):
+            assert value.shape[0] == 5
+            torch.testing.assert_close(value, untouched[key], rtol=0, atol=0)
+        elif key == "pos_embed":  # 2 token entries + 8 x 8 -> 12 x 12, as timm resamples it
+            expected = resample_abs_pos_embed(source[key], [12, 12], num_prefix_tokens=2)
+            assert value.shape == (1, 2 + 144, 32)
+            torch.testing.assert_close(value, expected, rtol=0, atol=0)
+            torch.testing.assert_close(value[:, :2], source[key][:, :2], rtol=0, atol=0)
+        elif key == "patch_embed.proj.weight":
+            torch.testing.assert_close(value, adapt_input_conv(1, source[key]), rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(value, source[key], rtol=0, atol=0)
+
+
+def test_another_patch_size_resamples_the_patch_embedding_as_timm(tmp_path):
+    source = _source_vit()
+    path, _ = _write("plain", source, tmp_path)
+    config = _student_config(
+        path,
+        **{
+            "student.kwargs.patch_size": 8,
+            "data.in_chans": 3,
+            "data.mean": "[0.5, 0.5, 0.5]",
+            "data.std": "[0.5, 0.5, 0.5]",
+        },
+    )
+    student = build_student(config, initial_weights=True)
+    key = "patch_embed.proj.weight"
+    torch.testing.assert_close(
+        student.state_dict()[key], resample_patch_embed(source[key], [8, 8]), rtol=0, atol=0
+    )
+    expected = resample_abs_pos_embed(source["pos_embed"], [6, 6], num_prefix_tokens=2)
+    torch.testing.assert_close(student.state_dict()["pos_embed"], expected, rtol=0, atol=0)
+
+
+def test_reset_head_reinitialises_heads_whose_size_fits(tmp_path):
+    source = _source_vit()
+    path, _ = _write("plain", source, tmp_path)
+    overrides = {"data.num_classes": 10, "student.reset_head": True}
+    student = build_student(_student_config(path, **overrides), initial_weights=True)
+    state = student.state_dict()
+    assert not torch.equal(state["head.weight"], source["head.weight"])
+    assert not torch.equal(state["head_dist.weight"], source["head_dist.weight"])
+    torch.testing.assert_close(state["cls_token"], source["cls_token"], rtol=0, atol=0)
+    kept = build_student(_student_config(path, **{"data.num_classes": 10}), initial_weights=True)
+    torch.testing.assert_close(kept.state_dict()["head.weight"], source["head.weight"])
+
+
+def test_a_student_file_of_another_depth_is_refused_naming_the_keys(tmp_path):
+    source = _source_vit()
+    path, _ = _write("plain", source, tmp_path)
+    config = _student_config(path, **{"student.kwargs.depth": 3})
+    with pytest.raises(CheckpointError, match=r"missing keys blocks\.2\..*another architecture"):
+        build_student(config, initial_weights=True)
+
+
+def test_ema_asked_of_a_file_without_one_is_refused(tmp_path):
+    path, _ = _write("plain", _source_vit(), tmp_path)
+    with pytest.raises(CheckpointError, match="holds no EMA weights"):
+        build_student(
+            _student_config(path, **{"student.checkpoint_ema": True}), initial_weights=True
+        )
+
+
+def test_initial_weight_keys_that_contradict_each_other_are_refused():
+    with pytest.raises(ConfigError, match="both set"):
+        load_config(None, ["student.checkpoint=a.pth", "student.pretrained_tag=fb_in1k"])
+    with pytest.raises(ConfigError, match="student.reset_head=true needs initial weights"):
+        load_config(None, ["student.reset_head=true"])
+
+
+# ------------------------------------------------------------------------------ the teacher
+
+
+def _source_resnet(classes: int = 4) -> dict[str, torch.Tensor]:
+    torch.manual_seed(2)
+    model = timm.create_model("resnet18", num_classes=classes, in_chans=3, **TINY_TEACHER)
+    return {key: value.clone() for key, value in model.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "form", ["safetensors", "plain", "ddp", "compiled", "deit-main", "timm-train"]
+)
+def test_each_file_form_is_a_teacher_with_other_input_channels(tmp_path, form):
+    source = _source_resnet()
+    path, _ = _write(form, source, tmp_path)
+    teacher = load_teacher(
+        "resnet18", path, num_classes=4, in_chans=1, image_size=32, **TINY_TEACHER
+    )
+    for key, value in teacher.model.state_dict().items():
+        expected = adapt_input_conv(1, source[key]) if key == "conv1.weight" else source[key]
+        torch.testing.assert_close(value, expected, rtol=0, atol=0)
+
+
+def test_a_teacher_with_other_classes_names_the_refit_recipe(tmp_path):
+    path, _ = _write("plain", _source_resnet(classes=1000), tmp_path)
+    with pytest.raises(CheckpointError, match=r"1000-class head.*configs/finetune/teacher_"):
+        load_teacher("resnet18", path, num_classes=4, image_size=32, **TINY_TEACHER)
+    assert (Path(__file__).parent.parent / "configs/finetune/teacher_resnet50.yaml").is_file()
+
+
+# ------------------------------------------------------------------------------ full runs
+
+
+def _cli(*arguments: str, cwd: Path) -> subprocess.CompletedProcess:
+    env_command = [sys.executable, "-m", "cskd", *arguments]
+    return subprocess.run(
+        env_command,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+
+
+def test_a_run_directory_initialises_a_run_at_another_image_size_and_resume_needs_no_file(
+    tmp_path, tiny_run
+):
+    assert main(["train", *tiny_run(**{"optim.epochs": 1, "optim.warmup_epochs": 0})]) == 0
+    source = tmp_path / "run"
+    overrides = tiny_run(
+        **{
+            "student.checkpoint": source,
+            "student.kwargs.img_size": 48,
+            "data.image_size": 48,
+            "train.output_dir": tmp_path / "fine",
+            "train.stop_after_steps": 2,
+            "optim.epochs": 1,
+            "optim.warmup_epochs": 0,
+        }
+    )
+    assert main(["train", *overrides]) == 0
+    log = (tmp_path / "fine" / "train.log").read_text()
+    assert f"initialised from {source / 'student.safetensors'}" in log
+    assert "resampled pos_embed from a 8x8 to a 12x12 patch grid" in log
+    # resuming takes the weights from last.pt, even when the initial file is gone
+    (source / "student.safetensors").rename(tmp_path / "moved.safetensors")
+    resumed = [item for item in overrides if not item.startswith("train.stop_after_steps")]
+    assert main(["train", *resumed, "train.resume=auto"]) == 0
+    assert (tmp_path / "fine" / "train.log").read_text().count(
+        "student deit_tiny_distilled_patch16_224: initialised"
+    ) == 1
+    assert (tmp_path / "fine" / "student.safetensors").is_file()
+
+
+def _read(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_a_linear_probe_trains_only_the_heads(tmp_path, tiny_run):
+    source = _source_vit()
+    path, _ = _write("plain", {**source}, tmp_path)
+    overrides = tiny_run(
+        **{
+            "student.checkpoint": path,
+            "student.trainable": "head",
+            "student.reset_head": True,
+            "distill.method": "none",
+            "train.ema": False,
+            "optim.epochs": 1,
+            "optim.warmup_epochs": 0,
+            "optim.lr": 0.05,
+            "optim.weight_decay": 0.0,
+        }
+    )
+    assert main(["train", *overrides]) == 0
+    trained = _read(tmp_path / "run" / "student.safetensors")
+    for key, value in trained.items():
+        if key.startswith(("head.", "head_dist.")):
+            continue
+        torch.testing.assert_close(value, source[key], rtol=0, atol=0, msg=key)
+    assert trained["head.weight"].shape == (4, 32)
+
+
+def test_mismatches_and_an_unreachable_hub_are_one_line_with_exit_2(tmp_path, tiny_run):
+    path, _ = _write("plain", _source_vit(), tmp_path)
+    cases = {
+        "depth": ("student.checkpoint", path, "student.kwargs.depth=3", "missing keys blocks.2"),
+        "hub": (
+            "student.pretrained_tag",
+            "fb_in1k",
+            "data.num_classes=4",
+            "could not get timm's deit_tiny_distilled_patch16_224.fb_in1k weights",
+        ),
+    }
+    for name, (key, value, extra, expected) in cases.items():
+        output = tmp_path / name
+        arguments = tiny_run(**{key: value, "train.output_dir": output})
+        result = _cli("train", *arguments, extra, cwd=tmp_path)
+        lines = [line for line in result.stderr.splitlines() if line.startswith("cskd ")]
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert len(lines) == 1 and expected in lines[0], lines
+        assert not any((output / name).exists() for name in ("last.pt", "best.pt"))
