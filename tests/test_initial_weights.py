@@ -5,6 +5,7 @@ resampled position embeddings equal timm's resampling; anything else is one line
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -295,3 +296,88 @@ def test_mismatches_and_an_unreachable_hub_are_one_line_with_exit_2(tmp_path, ti
         assert result.returncode == 2, result.stderr[-2000:]
         assert len(lines) == 1 and expected in lines[0], lines
         assert not any((output / name).exists() for name in ("last.pt", "best.pt"))
+
+
+# ------------------------------------------------------------------------------ exported students
+
+
+def _val_only_folder(root: Path, classes: int, size: int = 40) -> Path:
+    """``root/val/<class>/<image>.png``: greyscale images, no train/ split."""
+    generator = torch.Generator().manual_seed(0)
+    for index in range(classes):
+        (root / "val" / f"class_{index}").mkdir(parents=True)
+        for i in range(3):
+            pixels = (torch.rand(size, size, generator=generator) * 255).to(torch.uint8)
+            from PIL import Image
+
+            Image.fromarray(pixels.numpy(), mode="L").save(
+                root / "val" / f"class_{index}" / f"{i}.png"
+            )
+    return root
+
+
+def test_an_exported_student_describes_itself_and_rebuilds_from_the_file_alone(tmp_path, tiny_run):
+    from cskd.models import load_student
+    from cskd.weights import read_export_metadata
+
+    assert main(["train", *tiny_run(**{"optim.epochs": 1, "optim.warmup_epochs": 0})]) == 0
+    exported = tmp_path / "run" / "student.safetensors"
+    info = read_export_metadata(exported)
+    assert info["timm_name"] == VIT
+    assert info["model_kwargs"] == {**TINY_STUDENT, "num_classes": 4, "in_chans": 3}
+    assert info["class_names"] == ["class_0", "class_1", "class_2", "class_3"]
+    assert info["input_size"] == [3, 32, 32] and info["inference_rule"] == "cls+dist+patch"
+    assert len(info["mean"]) == 3 and info["crop_pct"] == 1.0 and info["method"] == "cskd"
+
+    student = load_student(tmp_path / "run")  # the run directory or the file itself
+    assert student.export == info and student.inference_rule == "cls+dist+patch"
+    images = torch.randn(2, 3, 32, 32)
+    # the documented timm one-liner gives the same model
+    plain = timm.create_model(
+        info["timm_name"],
+        pretrained=True,
+        pretrained_cfg_overlay={"file": str(exported), "num_classes": info["num_classes"]},
+        **info["model_kwargs"],
+    ).eval()
+    student.eval()
+    torch.testing.assert_close(
+        plain(images), (student(images).cls_logits + student(images).dist_logits) / 2
+    )
+    larger = load_student(exported, image_size=48)
+    assert larger.grid_size == (12, 12) and larger.predict(torch.randn(2, 3, 48, 48)).shape == (
+        2,
+        4,
+    )
+
+
+def test_cskd_eval_takes_an_exported_file_on_a_val_only_folder_at_another_size(
+    tmp_path, tiny_run, capsys
+):
+    overrides = tiny_run(
+        **{
+            "optim.epochs": 1,
+            "optim.warmup_epochs": 0,
+            "data.in_chans": 1,
+            "data.mean": "[0.5]",
+            "data.std": "[0.5]",
+            "teacher.kwargs.in_chans": 1,
+            "teacher.mean": "[0.5]",
+            "teacher.std": "[0.5]",
+        }
+    )
+    assert main(["train", *overrides]) == 0
+    folder = _val_only_folder(tmp_path / "photos", classes=4)
+    capsys.readouterr()
+    arguments = ["eval", "--checkpoint", str(tmp_path / "run" / "student.safetensors")]
+    arguments += [f"data.root={folder}", "data.image_size=48", "data.workers=0"]
+    assert main(arguments) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["images"] == 12
+    assert set(metrics) >= {"cls", "cls+dist", "cls+dist+patch"}
+    # the training checkpoint evaluates at the larger size too (position embeddings resampled)
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "data.image_size=48"]) == 0
+    assert json.loads(capsys.readouterr().out)["cls"]["top1"] >= 0
+    # a file without cskd metadata is one line
+    save_file(_source_vit(), str(tmp_path / "other.safetensors"))
+    result = _cli("eval", "--checkpoint", str(tmp_path / "other.safetensors"), cwd=tmp_path)
+    assert result.returncode == 2 and "carries no cskd export metadata" in result.stderr

@@ -446,3 +446,97 @@ def test_shrunken_models_keep_the_recipe_grids(tiny_teacher_224, photo_root, tmp
     student, teacher = build_student(config), build_teacher(config)
     assert student.grid_size == (14, 14) and student.model.embed_dim == 32
     assert teacher(torch.zeros(1, 3, 224, 224)).dense_logits.shape == (1, TINY_CLASSES, 7, 7)
+
+
+# ---------------------------------------------------------------------------- transfer recipes
+
+FINETUNE = CONFIGS / "finetune"
+TRANSFER_RUNS = sorted(
+    p.name for p in FINETUNE.glob("[!_]*.yaml") if not p.name.startswith("teacher")
+)
+TEACHER_REFITS = sorted(p.name for p in FINETUNE.glob("teacher_*.yaml"))
+DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "stanford_cars": 196, "inat19": 1010}
+
+
+def test_transfer_recipes_cover_four_datasets_two_sizes_with_and_without_distillation():
+    expected = {
+        f"{name}_{size}{suffix}.yaml"
+        for name in DATASET_CLASSES
+        for size in (224, 384)
+        for suffix in ("", "_distill")
+    }
+    assert set(TRANSFER_RUNS) == expected
+    assert set(TEACHER_REFITS) == {
+        "teacher_resnet50.yaml",
+        "teacher_resnet50_probe.yaml",
+        "teacher_regnety_160.yaml",
+    }
+
+
+@pytest.mark.parametrize("name", TRANSFER_RUNS)
+def test_transfer_recipe_follows_deit_s_published_protocol(name):
+    config = load_config(FINETUNE / name)
+    dataset, size = name.split("_2")[0].split("_3")[0], 384 if "_384" in name else 224
+    assert config.data.num_classes == DATASET_CLASSES[dataset]
+    assert config.data.image_size == size
+    assert config.student.kwargs.get("img_size", 224) == size  # the model is built for the size
+    assert (config.optim.name, config.optim.lr, config.optim.lr_batch_reference) == (
+        "sgd",
+        0.01,
+        512,
+    )
+    assert config.optim.weight_decay == 1e-4 and config.data.batch_size * 8 == 768
+    assert config.optim.epochs == (300 if dataset == "inat19" else 1000)
+    assert config.student.drop_path == 0.0 and config.augment.reprob == 0.0
+    assert config.augment == load_config(FINETUNE / "_transfer.yaml").augment
+    assert config.student.checkpoint == "runs/imagenet/deit_small_cskd"
+    if name.endswith("_distill.yaml"):
+        assert config.distill.method == "cskd" and config.teacher.checkpoint.endswith(dataset)
+    else:
+        assert config.distill.method == "none" and config.student.inference_rule == "cls"
+    assert "Published" in header(FINETUNE / name) or "Published" in header(
+        FINETUNE / "_transfer.yaml"
+    )
+
+
+@pytest.fixture(scope="module")
+def imagenet_stand_ins(tmp_path_factory) -> dict[str, str]:
+    """Tiny 1000-class 'ImageNet' weights (a ViT at 224 px, a ResNet) and a tiny 4-class
+    teacher: what the transfer recipes start from, written by the test."""
+    root = tmp_path_factory.mktemp("stand_ins")
+    torch.manual_seed(0)
+    vit = timm.create_model(
+        "deit_small_distilled_patch16_224", num_classes=1000, **yaml.safe_load(TINY_VIT)
+    )
+    cnn = timm.create_model("resnet18", num_classes=1000, **TINY_CNN)
+    torch.save({"model": vit.state_dict()}, root / "vit.pth")  # as DeiT saves
+    torch.save({"state_dict": cnn.state_dict()}, root / "cnn.pth")  # as timm's train.py saves
+    return {"vit": str(root / "vit.pth"), "cnn": str(root / "cnn.pth")}
+
+
+@pytest.mark.parametrize("name", [*TRANSFER_RUNS, *TEACHER_REFITS])
+def test_transfer_and_refit_recipes_train_two_steps_with_stand_ins(
+    name, tmp_path, imagenet_stand_ins, tiny_teacher_224, photo_root
+):
+    overrides = shrunken(tmp_path / "run", tiny_teacher_224, photo_root)
+    overrides += ["optim.epochs=1", "optim.warmup_epochs=0", "train.max_steps_per_epoch=2"]
+    if name.startswith("teacher"):
+        overrides += [
+            "student.name=resnet18",
+            f"student.kwargs={json.dumps(TINY_CNN)}",
+            "student.pretrained_tag=",
+            f"student.checkpoint={imagenet_stand_ins['cnn']}",
+        ]
+    else:
+        overrides += [f"student.checkpoint={imagenet_stand_ins['vit']}"]
+        if "_384" in name:
+            overrides += ["student.kwargs={embed_dim: 32, depth: 1, num_heads: 2, img_size: 384}"]
+    config = load_config(FINETUNE / name, overrides)
+    size = 384 if "_384" in name else 224
+    assert config.data.image_size == size
+    train(config)
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "re-initialised" in log and "(the file has 1000 classes, the model 4)" in log
+    if size == 384:
+        assert "resampled pos_embed from a 14x14 to a 24x24 patch grid" in log
+    assert (tmp_path / "run" / "student.safetensors").is_file()

@@ -355,8 +355,14 @@ def validate(config: Config) -> Config:
         raise ConfigError(
             f"data.mean and data.std need {config.data.in_chans} values (data.in_chans)"
         )
-    if len(config.teacher.mean) != len(config.teacher.std):
-        raise ConfigError("teacher.mean and teacher.std must have the same length")
+    channels = config.teacher.kwargs.get("in_chans", config.data.in_chans)
+    if config.distill.method != "none" and (
+        len(config.teacher.mean) != channels or len(config.teacher.std) != channels
+    ):
+        raise ConfigError(
+            f"teacher.mean and teacher.std need {channels} values (the teacher's input channels), "
+            f"got {len(config.teacher.mean)} and {len(config.teacher.std)}"
+        )
     _check_initial_weights(config)
     return config
 

@@ -966,5 +966,6 @@ def config_of_export(info: dict) -> dict:
             "eval_crop_pct": info["crop_pct"],
         },
         "augment": {"interpolation": info["interpolation"]},
-        "distill": {"method": info["method"]},
+        "distill": {"method": info["method"]},  # its rules; evaluation runs no teacher
+        "teacher": {"mean": info["mean"], "std": info["std"]},
     }
