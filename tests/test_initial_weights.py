@@ -69,6 +69,8 @@ def _student_config(path: Path, **extra) -> object:
         "data.image_size": 48,
         "data.mean": "[0.5]",
         "data.std": "[0.5]",
+        "teacher.mean": "[0.5]",
+        "teacher.std": "[0.5]",
         **extra,
     }
     return load_config(None, [f"{key}={value}" for key, value in values.items()])
@@ -124,6 +126,8 @@ def test_another_patch_size_resamples_the_patch_embedding_as_timm(tmp_path):
             "data.in_chans": 3,
             "data.mean": "[0.5, 0.5, 0.5]",
             "data.std": "[0.5, 0.5, 0.5]",
+            "teacher.mean": "[0.5, 0.5, 0.5]",
+            "teacher.std": "[0.5, 0.5, 0.5]",
         },
     )
     student = build_student(config, initial_weights=True)
