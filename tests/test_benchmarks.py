@@ -195,3 +195,30 @@ def test_gpu_study_script_quick_mode_runs_every_run_of_the_full_regime_on_the_cp
         ["bash", str(script), str(tmp_path / "nowhere")], capture_output=True, text=True
     )
     assert missing.returncode == 2 and "Fashion-MNIST IDX files" in missing.stderr
+
+
+def test_transfer_quick_pretrains_fine_tunes_every_start_and_resamples_at_48_px(
+    tmp_path, one_thread
+):
+    script = load_script("transfer")
+    arguments = ["--quick", "--output-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path)]
+    assert script.main([*arguments, *one_thread]) == 0
+    results = json.loads((tmp_path / "transfer_quick.json").read_text())["runs"]
+    expected = {"teacher", "pre-none", "pre-deit", "pre-cskd"}
+    expected |= {f"ft32-{start}-seed0" for start in ("scratch", "none", "deit", "cskd")}
+    expected |= {"ft48-scratch-seed0", "ft48-cskd-seed0"}
+    assert set(results) == expected
+    folders = tmp_path / "runs" / "data"
+    assert sorted(p.name for p in (folders / "transfer" / "val").iterdir()) == [
+        "Ankle_boot",
+        "Bag",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+    ]
+    log = results["ft48-cskd-seed0"]["log"]
+    assert any("resampled pos_embed from a 8x8 to a 12x12" in line for line in log)
+    assert any("re-initialised head, head_dist (reset_head" in line for line in log)
+    assert results["ft32-scratch-seed0"]["log"] == []  # scratch starts from nothing
+    page = (tmp_path / "transfer_quick.md").read_text()
+    assert "| 48 px | cskd |" in page and "Quick mode" in page
