@@ -16,6 +16,7 @@ images serve directly as the reported split (``val/``).
 
     python benchmarks/transfer.py --threads 1     # about one core-hour; resumable
     python benchmarks/transfer.py --report-only   # the page from finished runs
+    python benchmarks/transfer.py --folders-only  # only the image folders (README "Your own data")
     python benchmarks/transfer.py --quick --output-dir /tmp/t --results-dir /tmp/t
 """
 
@@ -249,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="tiny models, a few steps (tests)")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument(
+        "--folders-only", action="store_true", help="only write the two image folders (seconds)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     runs = Path(args.output_dir)
@@ -256,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     results_dir.mkdir(parents=True, exist_ok=True)
     name = "transfer_quick" if args.quick else "transfer"  # quick never touches the real page
     results_path = results_dir / f"{name}.json"
+    if args.folders_only:
+        for folder in write_folders(runs / "data", quick=args.quick).values():
+            print(folder)
+        return 0
     if not args.report_only:
         folders = write_folders(runs / "data", quick=args.quick)
         for key, recipe, overrides in plan(folders, runs, quick=args.quick):

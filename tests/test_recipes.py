@@ -452,7 +452,7 @@ def test_shrunken_models_keep_the_recipe_grids(tiny_teacher_224, photo_root, tmp
 
 FINETUNE = CONFIGS / "finetune"
 TRANSFER_RUNS = sorted(
-    p.name for p in FINETUNE.glob("[!_]*.yaml") if not p.name.startswith("teacher")
+    p.name for p in FINETUNE.glob("[!_]*.yaml") if not p.name.startswith(("teacher", "fashion"))
 )
 TEACHER_REFITS = sorted(p.name for p in FINETUNE.glob("teacher_*.yaml"))
 DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "stanford_cars": 196, "inat19": 1010}
