@@ -18,6 +18,11 @@ class folders that differ between train and val               ``data.check_class
 data.num_classes unlike the data's classes                    ``data.build_datasets``
 missing, unreadable or code-carrying checkpoint               ``checkpoint.read_file``
 checkpoint of another architecture or number of classes       ``weights.check_state_fits``
+initial weights that cannot be adapted (depth, width)         ``weights.init_from``
+teacher file whose classes are not the data's                 ``models.load_teacher`` (names the
+                                                              refit recipe)
+timm hub weights that cannot be fetched (offline, bad tag)    ``models.create_pretrained``
+teacher mean/std of another channel count                     ``config.load_config``
 teacher head that cannot give dense logits (ConvNeXt)         ``models.DenseTeacher``
 student built for another image size                          :func:`check_student_input`
 student grid smaller than the teacher's                       :func:`check_run` (``align``)
