@@ -385,3 +385,65 @@ def test_cskd_eval_takes_an_exported_file_on_a_val_only_folder_at_another_size(
     save_file(_source_vit(), str(tmp_path / "other.safetensors"))
     result = _cli("eval", "--checkpoint", str(tmp_path / "other.safetensors"), cwd=tmp_path)
     assert result.returncode == 2 and "carries no cskd export metadata" in result.stderr
+
+
+def test_register_tokens_are_kept_when_a_reg_vit_is_resampled(tmp_path):
+    """timm's register-token ViTs keep no position embedding for their prefix tokens
+    (``no_embed_class``): the grid part alone is resampled, the tokens copied."""
+    kwargs = {"patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2, "reg_tokens": 2}
+    kwargs["no_embed_class"] = True
+    torch.manual_seed(3)
+    source = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=10, **kwargs)
+    source_state = source.state_dict()
+    torch.save(source_state, tmp_path / "reg.pth")
+    values = {
+        "student.name": "vit_tiny_patch16_224",
+        "student.kwargs": str({**kwargs, "img_size": 48}).replace("'", "").replace("True", "true"),
+        "student.checkpoint": tmp_path / "reg.pth",
+        "data.num_classes": 10,
+        "data.image_size": 48,
+        "distill.method": "none",
+    }
+    config = load_config(None, [f"{key}={value}" for key, value in values.items()])
+    state = build_student(config, initial_weights=True).state_dict()
+    expected = resample_abs_pos_embed(source_state["pos_embed"], [12, 12], num_prefix_tokens=0)
+    torch.testing.assert_close(state["pos_embed"], expected, rtol=0, atol=0)
+    torch.testing.assert_close(state["reg_token"], source_state["reg_token"], rtol=0, atol=0)
+    torch.testing.assert_close(state["cls_token"], source_state["cls_token"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("entry", ["student", "ema"])
+def test_a_cskd_checkpoint_and_its_ema_initialise_a_student_and_a_teacher(
+    tmp_path, tiny_run, entry
+):
+    from cskd.checkpoint import read_file
+
+    cnn = {
+        "distill.method": "none",
+        "student.name": "resnet18",
+        "student.kwargs": str(TINY_TEACHER).replace("'", ""),
+        "optim.epochs": 1,
+        "optim.warmup_epochs": 0,
+        "train.output_dir": tmp_path / "cnn",
+    }
+    assert main(["train", *tiny_run(**cnn)]) == 0
+    assert main(["train", *tiny_run(**{"optim.epochs": 1, "optim.warmup_epochs": 0})]) == 0
+    vit_saved = read_file(tmp_path / "run" / "best.pt")[entry]
+    values = {
+        "student.kwargs": str(TINY_STUDENT).replace("'", ""),
+        "student.checkpoint": tmp_path / "run" / "best.pt",
+        "student.checkpoint_ema": entry == "ema",
+        "data.num_classes": 6,  # another class count: heads re-initialised
+    }
+    config = load_config(None, [f"{key}={value}" for key, value in values.items()])
+    student = build_student(config, initial_weights=True).state_dict()
+    for key, value in student.items():
+        if not key.startswith("head"):
+            torch.testing.assert_close(value, vit_saved[key], rtol=0, atol=0)
+    assert student["head.weight"].shape == (6, 32)
+    # the CNN run's best.pt and its run directory are teachers (4 classes, as the data)
+    cnn_saved = read_file(tmp_path / "cnn" / "best.pt")["student"]
+    for source in (tmp_path / "cnn" / "best.pt", tmp_path / "cnn"):
+        teacher = load_teacher("resnet18", source, num_classes=4, image_size=32, **TINY_TEACHER)
+        for key, value in teacher.model.state_dict().items():
+            torch.testing.assert_close(value, cnn_saved[key], rtol=0, atol=0)
