@@ -2,22 +2,19 @@
 
 Student initialisation, the teacher, resume and evaluation all read files with
 :func:`cskd.checkpoint.read_file` (never unpickling code) and find the state dict inside with
-:func:`extract_state_dict`. Resume and evaluation then need an exact fit
-(:func:`check_state_fits`, :func:`load_weights`). Initialising a model for new data
-(:func:`init_from`) first adapts what may legitimately differ, with timm's own helpers:
+:func:`extract_state_dict`. Resume needs an exact fit (:func:`check_state_fits`). Initialising a
+model for new data (:func:`init_from`) and evaluating at another image size
+(:func:`load_adapted`) first adapt what may legitimately differ, with timm's own helpers:
 
-============================  ==========================================================  ======
-difference                    what happens                                                 how
-============================  ==========================================================  ======
-classifier of another size    re-initialised (the model's own init is kept); a teacher's   -
-                              head must fit (``adapt_head=False``)
-``reset_head=True``           heads re-initialised even when their size fits (new labels)   -
-patch grid (224 -> 384 px)    ``pos_embed`` resampled; class, distillation and register     timm ``resample_abs_pos_embed``
-                              token entries kept
-patch size                    ``patch_embed.proj.weight`` resampled                         timm ``resample_patch_embed``
-input channels                first convolution adapted (3 -> 1 sums, as timm)              timm ``adapt_input_conv``
-anything else                 :class:`CheckpointError` naming the keys                      -
-============================  ==========================================================  ======
+- a classifier of another class count is re-initialised (the model's own initialisation is
+  kept); with ``reset_head=True`` also one whose size fits (a new label set). A teacher's head
+  must fit (``adapt_head=False``);
+- another patch grid (224 -> 384 px): ``pos_embed`` is resampled by timm's
+  ``resample_abs_pos_embed``, its class, distillation and register token entries kept;
+- another patch size: ``patch_embed.proj.weight`` is resampled by timm's ``resample_patch_embed``;
+- other input channels: the first convolution is adapted by timm's ``adapt_input_conv`` (3 -> 1
+  sums the channels);
+- anything else raises :class:`~cskd.checkpoint.CheckpointError` naming the keys.
 
 Each adaptation is returned as one sentence for the log.
 """
@@ -160,13 +157,6 @@ def check_state_fits(
     )
 
 
-def load_weights(model: torch.nn.Module, path: str | os.PathLike, *, what: str = "model") -> None:
-    """Load a weights file into ``model`` strictly; mismatching keys and shapes are named."""
-    state, source = read_state_dict(path)
-    check_state_fits(state, model, path=source, what=what)
-    model.load_state_dict(state)
-
-
 def adapt_state_dict(
     state: dict[str, torch.Tensor],
     model: torch.nn.Module,
@@ -246,9 +236,10 @@ def adapt_state_dict(
                 saved, new_size=new_grid, num_prefix_tokens=prefix
             )
             old = round((saved.shape[1] - prefix) ** 0.5)
+            tokens = f"keeping its {prefix} token entries" if prefix else "tokens have no entries"
             changes.append(
                 f"resampled pos_embed from a {old}x{old} to a {new_grid[0]}x{new_grid[1]} patch "
-                f"grid, keeping its {prefix} token entries (timm resample_abs_pos_embed)"
+                f"grid, {tokens} (timm resample_abs_pos_embed)"
             )
     return state, changes
 
