@@ -279,6 +279,10 @@ def test_a_linear_probe_trains_only_the_heads(tmp_path, tiny_run):
             continue
         torch.testing.assert_close(value, source[key], rtol=0, atol=0, msg=key)
     assert trained["head.weight"].shape == (4, 32)
+    assert not torch.equal(trained["head.weight"], source["head.weight"][:4])
+    torch.manual_seed(0)
+    fresh = timm.create_model(VIT, num_classes=4, **TINY_STUDENT)
+    assert not torch.equal(trained["head.weight"], fresh.state_dict()["head.weight"])
 
 
 def test_mismatches_and_an_unreachable_hub_are_one_line_with_exit_2(tmp_path, tiny_run):
@@ -378,9 +382,19 @@ def test_cskd_eval_takes_an_exported_file_on_a_val_only_folder_at_another_size(
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["images"] == 12
     assert set(metrics) >= {"cls", "cls+dist", "cls+dist+patch"}
-    # the training checkpoint evaluates at the larger size too (position embeddings resampled)
-    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "data.image_size=48"]) == 0
-    assert json.loads(capsys.readouterr().out)["cls"]["top1"] >= 0
+    # the training checkpoint (last.pt, the same weights) on the same folder gives the same
+    folder_data = ["data.dataset=folder", *arguments[3:]]
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), *folder_data]) == 0
+    from_checkpoint = json.loads(capsys.readouterr().out)
+    assert {k: from_checkpoint[k] for k in metrics} == metrics
+    # and the model evaluated is the one resampled as timm resamples
+    from cskd.models import load_student
+
+    saved = _read(tmp_path / "run" / "student.safetensors")["pos_embed"]
+    larger = load_student(tmp_path / "run", image_size=48)
+    expected = resample_abs_pos_embed(saved, [12, 12], num_prefix_tokens=2)
+    torch.testing.assert_close(larger.state_dict()["pos_embed"], expected, rtol=0, atol=0)
+    assert larger.export["input_size"] == [1, 48, 48]
     # a file without cskd metadata is one line
     save_file(_source_vit(), str(tmp_path / "other.safetensors"))
     result = _cli("eval", "--checkpoint", str(tmp_path / "other.safetensors"), cwd=tmp_path)
@@ -447,3 +461,70 @@ def test_a_cskd_checkpoint_and_its_ema_initialise_a_student_and_a_teacher(
         teacher = load_teacher("resnet18", source, num_classes=4, image_size=32, **TINY_TEACHER)
         for key, value in teacher.model.state_dict().items():
             torch.testing.assert_close(value, cnn_saved[key], rtol=0, atol=0)
+
+
+def test_files_that_cannot_be_adapted_are_refused_before_any_weight_is_touched(tmp_path):
+    torch.manual_seed(4)
+    plain = timm.create_model("deit_tiny_patch16_224", num_classes=10, **TINY_STUDENT)
+    torch.save(plain.state_dict(), tmp_path / "plain_deit.pth")  # no distillation token
+    config = _student_config(tmp_path / "plain_deit.pth", **{"data.image_size": 48})
+    with pytest.raises(CheckpointError, match=r"missing keys dist_token"):
+        build_student(config, initial_weights=True)
+    headless = {k: v for k, v in _source_resnet().items() if not k.startswith("fc.")}
+    torch.save(headless, tmp_path / "headless.pth")  # a teacher without its classifier
+    with pytest.raises(CheckpointError, match=r"missing keys fc.bias, fc.weight"):
+        load_teacher("resnet18", tmp_path / "headless.pth", num_classes=4, **TINY_TEACHER)
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    with pytest.raises(CheckpointError, match="holds a Tensor, not a state dict"):
+        load_teacher("resnet18", tmp_path / "tensor.pth", num_classes=4, **TINY_TEACHER)
+
+
+def test_a_run_directory_s_ema_weights_are_its_student_ema_file(tmp_path, tiny_run):
+    assert main(["train", *tiny_run(**{"optim.epochs": 1, "optim.warmup_epochs": 0})]) == 0
+    ema = _read(tmp_path / "run" / "student_ema.safetensors")
+    raw = _read(tmp_path / "run" / "student.safetensors")
+    assert not torch.equal(ema["blocks.0.attn.qkv.weight"], raw["blocks.0.attn.qkv.weight"])
+    values = {
+        "student.kwargs": str(TINY_STUDENT).replace("'", ""),
+        "student.checkpoint": tmp_path / "run",
+        "student.checkpoint_ema": True,
+        "data.num_classes": 4,
+    }
+    config = load_config(None, [f"{key}={value}" for key, value in values.items()])
+    for key, value in build_student(config, initial_weights=True).state_dict().items():
+        torch.testing.assert_close(value, ema[key], rtol=0, atol=0)
+
+
+def test_timm_tags_reset_heads_on_request_and_a_teacher_tag_of_other_classes_is_refused(
+    tmp_path, monkeypatch
+):
+    """timm's hub is out of reach here: timm's own pretrained loading reads a local file
+    instead (``pretrained_cfg_overlay``), everything else is the real path."""
+    import cskd.models
+
+    source = timm.create_model(VIT, num_classes=1000, **TINY_STUDENT).state_dict()
+    save_file(source, str(tmp_path / "hub.safetensors"))
+    create = timm.create_model
+
+    def from_local_file(name, pretrained=False, **kwargs):
+        overlay = {"file": str(tmp_path / "hub.safetensors")} if pretrained else None
+        return create(name, pretrained=pretrained, pretrained_cfg_overlay=overlay, **kwargs)
+
+    monkeypatch.setattr(cskd.models.timm, "create_model", from_local_file)
+    values = {
+        "student.kwargs": str(TINY_STUDENT).replace("'", ""),
+        "student.pretrained_tag": "fb_in1k",
+        "data.num_classes": 1000,
+    }
+    arguments = [f"{key}={value}" for key, value in values.items()]
+    kept = build_student(load_config(None, arguments), initial_weights=True).state_dict()
+    torch.testing.assert_close(kept["head.weight"], source["head.weight"], rtol=0, atol=0)
+    reset = build_student(
+        load_config(None, [*arguments, "student.reset_head=true"]), initial_weights=True
+    ).state_dict()
+    assert not torch.equal(reset["head.weight"], source["head.weight"])
+    torch.testing.assert_close(reset["cls_token"], source["cls_token"], rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match=r"1000-class head but the data has 5 classes"):
+        load_teacher("regnety_160", pretrained_tag="deit_in1k", num_classes=5)
+    with pytest.raises(CheckpointError, match=r"Invalid pretrained tag"):
+        load_teacher("regnety_160", pretrained_tag="nope", num_classes=1000)

@@ -377,6 +377,11 @@ def _check_initial_weights(config: Config) -> None:
             )
     student = config.student
     if not (student.checkpoint or student.pretrained_tag):
+        if student.trainable == "head":
+            raise ConfigError(
+                "student.trainable=head (a linear probe) needs pretrained features: set "
+                "student.checkpoint (or student.pretrained_tag)"
+            )
         for key in ("checkpoint_ema", "reset_head"):
             if getattr(student, key):
                 raise ConfigError(

@@ -23,7 +23,14 @@ from torch.nn import functional as F
 
 from .align import align_to_grid
 from .checkpoint import CheckpointError
-from .weights import init_from, load_adapted, read_export_metadata, read_state_dict, resolve_source
+from .weights import (
+    classifier_weights,
+    init_from,
+    load_adapted,
+    read_export_metadata,
+    read_state_dict,
+    resolve_source,
+)
 
 log = logging.getLogger("cskd")
 
@@ -196,7 +203,12 @@ def load_teacher(
             ) from None
     elif pretrained_tag:
         model = create_pretrained(
-            name, pretrained_tag, what="teacher", num_classes=num_classes, **model_kwargs
+            name,
+            pretrained_tag,
+            what="teacher",
+            num_classes=num_classes,
+            adapt_head=False,
+            **model_kwargs,
         )
     else:
         raise TeacherError(
@@ -206,19 +218,61 @@ def load_teacher(
     return DenseTeacher(model, name=name, dense=dense, check_size=image_size)
 
 
-def create_pretrained(name: str, tag: str, *, what: str, **kwargs) -> nn.Module:
-    """``timm.create_model(f"{name}.{tag}", pretrained=True, **kwargs)``: timm fetches the weights
-    from its hub and adapts the head, input channels and position embeddings itself. A failed
-    fetch (no network, an unknown tag) becomes one :class:`~cskd.checkpoint.CheckpointError`."""
+def create_pretrained(
+    name: str,
+    tag: str,
+    *,
+    what: str,
+    num_classes: int,
+    reset_head: bool = False,
+    adapt_head: bool = True,
+    **kwargs,
+) -> nn.Module:
+    """``timm.create_model(f"{name}.{tag}", pretrained=True, ...)``: timm fetches the weights from
+    its hub and adapts a head of another class count, input channels and position embeddings
+    itself; each adaptation is logged. ``reset_head`` re-initialises heads whose size fits;
+    ``adapt_head=False`` (a teacher) refuses weights for other classes. Raises
+    :class:`~cskd.checkpoint.CheckpointError` for that, an unknown tag or a failed fetch (no
+    network)."""
+    full = f"{name}.{tag}"
     try:
-        return timm.create_model(f"{name}.{tag}", pretrained=True, **kwargs)
-    except Exception as error:  # noqa: BLE001 - hub, network and tag errors: one line each
+        saved = timm.models.get_pretrained_cfg(full, allow_unregistered=False)
+    except RuntimeError as error:
+        raise CheckpointError(
+            f"{what}.pretrained_tag: {error} (timm.list_pretrained('{name}*') lists the tags)"
+        ) from None
+    saved_classes = saved.num_classes if saved is not None else num_classes
+    if saved_classes != num_classes and not adapt_head:
+        raise CheckpointError(
+            f"timm's {full} weights have a {saved_classes}-class head but the data has "
+            f"{num_classes} classes; a teacher must know the data's classes: refit it on your "
+            "data first (configs/finetune/teacher_resnet50.yaml, README 'Your own data')"
+        )
+    try:
+        model = timm.create_model(full, pretrained=True, num_classes=num_classes, **kwargs)
+    except Exception as error:  # noqa: BLE001 - hub, network and file errors: one line each
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise CheckpointError(
-            f"could not get timm's {name}.{tag} weights for the {what} ({reason[:200]}): check "
-            f"the tag, or without a network download them elsewhere and set {what}.checkpoint "
-            "to the file"
+            f"could not get timm's {full} weights for the {what} ({reason[:200]}): without a "
+            f"network download them elsewhere and set {what}.checkpoint to the file"
         ) from None
+    log.info(f"{what} {name}: initialised from timm's {full}")
+    heads = ", ".join(key.rsplit(".", 1)[0] for key, _ in classifier_weights(model))
+    if saved_classes != num_classes:
+        log.info(
+            f"{what} {name}: re-initialised {heads} (timm's weights have {saved_classes} "
+            f"classes, the model {num_classes})"
+        )
+    elif reset_head:
+        model.reset_classifier(num_classes)
+        log.info(f"{what} {name}: re-initialised {heads} (reset_head: a new label set)")
+    size = kwargs.get("img_size")
+    if size is not None and saved is not None and saved.input_size[-1] != size:
+        log.info(
+            f"{what} {name}: timm resampled the position embeddings from "
+            f"{saved.input_size[-1]} px to {size} px"
+        )
+    return model
 
 
 class DenseStudent(nn.Module):
@@ -387,6 +441,8 @@ def load_student(
     model = timm.create_model(info["timm_name"], pretrained=False, **kwargs)
     for line in load_adapted(model, state, path=source, what="student", adapt_head=False):
         log.info(line)
+    if image_size:
+        info = {**info, "input_size": [info["input_size"][0], image_size, image_size]}
     student = wrap_student(model, inference_rule=info["inference_rule"])
     student.export = info
     return student

@@ -103,8 +103,13 @@ def build_student(config: Config, *, initial_weights: bool = False) -> torch.nn.
     }
     name, what = config.student.name, f"student {config.student.name}"
     if initial_weights and config.student.pretrained_tag:
-        model = create_pretrained(name, config.student.pretrained_tag, what="student", **kwargs)
-        log.info(f"{what}: initialised from timm's {name}.{config.student.pretrained_tag}")
+        model = create_pretrained(
+            name,
+            config.student.pretrained_tag,
+            what="student",
+            reset_head=config.student.reset_head,
+            **kwargs,
+        )
     else:
         model = timm.create_model(name, pretrained=False, **kwargs)
     if initial_weights and config.student.checkpoint:
@@ -118,6 +123,11 @@ def build_student(config: Config, *, initial_weights: bool = False) -> torch.nn.
             log.info(line)
     if config.student.trainable == "head":
         heads = {key.rsplit(".", 1)[0] for key, _ in classifier_weights(model)}
+        if not heads:
+            raise ConfigError(
+                f"student.trainable=head: {name} has no linear classifier head to train "
+                "(timm's get_classifier); use student.trainable=all"
+            )
         for parameter_name, parameter in model.named_parameters():
             parameter.requires_grad_(parameter_name.rsplit(".", 1)[0] in heads)
         log.info(f"{what}: only {', '.join(sorted(heads))} train (student.trainable=head)")

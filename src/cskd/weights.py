@@ -71,6 +71,11 @@ def extract_state_dict(
     (torch.compile) prefixes are removed by timm's ``clean_state_dict``. Raises
     :class:`CheckpointError` when no such entry exists.
     """
+    if not isinstance(obj, dict):
+        raise CheckpointError(
+            f"checkpoint {path} holds a {type(obj).__name__}, not a state dict: save the "
+            "model's state_dict() (or a .safetensors file)"
+        )
     for key in EMA_ENTRIES if ema else MODEL_ENTRIES:
         if isinstance(obj.get(key), dict):
             return clean_state_dict(obj[key])
@@ -90,7 +95,8 @@ def extract_state_dict(
 def read_state_dict(path: str | os.PathLike, *, ema: bool = False) -> tuple[dict, Path]:
     """``(state dict, the file it came from)`` for a weights file or a cskd run directory."""
     source = resolve_source(path, ema=ema)
-    return extract_state_dict(read_file(source), path=source, ema=ema), source
+    in_entry = ema and source.name != RUN_EMA_FILES[0]  # student_ema.safetensors is the EMA
+    return extract_state_dict(read_file(source), path=source, ema=in_entry), source
 
 
 def timm_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -163,17 +169,19 @@ def adapt_state_dict(
     *,
     reset_head: bool = False,
     adapt_head: bool = True,
-) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """``(state adapted to model, one sentence per change)``; see the module's table.
+) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """``(state adapted to model, one sentence per change, keys of re-initialised heads)``;
+    see the module's docstring.
 
     The returned dict lacks the keys of re-initialised heads (the model keeps its own init for
-    them). Nothing is checked here beyond what is adapted: :func:`check_state_fits` (on the
-    model without those heads) names any other difference.
+    them, and only for them). Nothing is checked here beyond what is adapted:
+    :func:`check_state_fits` names any other difference, a head the file lacks included.
     """
     inner = timm_model(model)
     expected = inner.state_dict()
     state = dict(state)
     changes: list[str] = []
+    removed: list[str] = []
 
     heads = [key.rsplit(".", 1)[0] for key, _ in classifier_weights(inner)]
     saved_classes = {
@@ -189,8 +197,10 @@ def adapt_state_dict(
     )
     if heads and (reset_head or (resized and adapt_head)):
         for head in heads:
-            state.pop(f"{head}.weight", None)
-            state.pop(f"{head}.bias", None)
+            for key in (f"{head}.weight", f"{head}.bias"):
+                if key in expected:
+                    state.pop(key, None)
+                    removed.append(key)
         reason = (
             f"the file has {'/'.join(map(str, sorted(saved_classes)))} classes, the model "
             f"{model_classes}"
@@ -225,12 +235,15 @@ def adapt_state_dict(
 
     if "pos_embed" in state and "pos_embed" in expected and hasattr(inner, "patch_embed"):
         saved, wanted = state["pos_embed"], expected["pos_embed"]
+        prefix = 0 if getattr(inner, "no_embed_class", False) else inner.num_prefix_tokens
+        cells = saved.shape[1] - prefix if saved.ndim == 3 else -1
         if (
             saved.ndim == 3
             and saved.shape[2] == wanted.shape[2]
             and saved.shape[1] != wanted.shape[1]
+            and cells > 0
+            and round(cells**0.5) ** 2 == cells  # else other tokens: check_state_fits names it
         ):
-            prefix = 0 if getattr(inner, "no_embed_class", False) else inner.num_prefix_tokens
             new_grid = list(inner.patch_embed.grid_size)
             state["pos_embed"] = resample_abs_pos_embed(
                 saved, new_size=new_grid, num_prefix_tokens=prefix
@@ -241,7 +254,7 @@ def adapt_state_dict(
                 f"resampled pos_embed from a {old}x{old} to a {new_grid[0]}x{new_grid[1]} patch "
                 f"grid, {tokens} (timm resample_abs_pos_embed)"
             )
-    return state, changes
+    return state, changes, removed
 
 
 def _first_conv_key(model: torch.nn.Module) -> str:
@@ -291,10 +304,11 @@ def load_adapted(
     the model's own values. Returns one log line per adaptation; raises
     :class:`CheckpointError` (before touching the model) for any other difference."""
     inner = timm_model(model)
-    state, changes = adapt_state_dict(state, inner, reset_head=reset_head, adapt_head=adapt_head)
-    heads = {key.rsplit(".", 1)[0] for key, _ in classifier_weights(inner)}
+    state, changes, removed = adapt_state_dict(
+        state, inner, reset_head=reset_head, adapt_head=adapt_head
+    )
     own = inner.state_dict()
-    kept = {k: v for k, v in own.items() if k not in state and k.rsplit(".", 1)[0] in heads}
+    kept = {key: own[key] for key in removed}
     check_state_fits({**state, **kept}, inner, path=path, what=what)
     inner.load_state_dict({**state, **kept})
     return [f"{what}: {change}" for change in changes]
