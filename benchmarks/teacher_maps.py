@@ -20,9 +20,9 @@ import torch
 
 from cskd.config import load_config
 from cskd.data import build_datasets
+from cskd.data.sampling import eval_loader
 from cskd.engine import normalizer
 from cskd.models import load_teacher
-from cskd.sampling import eval_loader
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -26,10 +26,10 @@ import torch
 
 from cskd.config import load_config
 from cskd.data import build_datasets
+from cskd.data.sampling import eval_loader
 from cskd.engine import normalizer
 from cskd.models import load_teacher
 from cskd.runlog import cpu_model
-from cskd.sampling import eval_loader
 
 ROOT = Path(__file__).resolve().parent.parent
 PRECISIONS = {  # name -> (autocast dtype, classifier in fp32)

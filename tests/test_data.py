@@ -11,11 +11,11 @@ from types import SimpleNamespace
 import numpy
 import pytest
 import torch
+import torchvision
 import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from cskd import data
 from cskd.data import (
     FASHION_MNIST_ROOT,
     DataError,
@@ -192,7 +192,7 @@ def test_fashion_mnist_download_reads_torchvision_layout(tmp_path, monkeypatch):
             compress=False,
         )
 
-    monkeypatch.setattr(data.torchvision.datasets, "FashionMNIST", fake_torchvision_fashion)
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", fake_torchvision_fashion)
     dataset = FashionMNIST(root=tmp_path, split="test", download=True)
     assert calls == [(str(tmp_path), True)]
     assert len(dataset) == 3 and dataset[2]["target"] == 3

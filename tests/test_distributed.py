@@ -28,10 +28,10 @@ from cskd import distributed
 from cskd.cli import main
 from cskd.config import ConfigError, load_config
 from cskd.data import DataError
+from cskd.data.sampling import EpochSampler, ShardSampler, eval_loader, resume_step
 from cskd.engine import Distiller, NonFiniteLossError, Trainer, TrainState, evaluate, normalizer
 from cskd.losses import ObjectiveWeights
 from cskd.models import rules_for
-from cskd.sampling import EpochSampler, ShardSampler, eval_loader, resume_step
 from cskd.train import build_optimization, build_student, build_teacher, scaled_lr
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"

@@ -9,9 +9,9 @@ import torch
 
 from cskd.cli import main
 from cskd.config import load_config
+from cskd.data.sampling import EpochSampler
 from cskd.engine import Trainer, normalizer
 from cskd.preflight import teacher_inputs
-from cskd.sampling import EpochSampler
 from cskd.train import build_student
 
 

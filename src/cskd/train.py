@@ -36,6 +36,7 @@ from .checkpoint import (
 )
 from .config import Config, ConfigError, apply_overrides, dump_config, from_dict, to_dict
 from .data import build_datasets, build_eval_set, build_test_set
+from .data.sampling import EpochSampler, eval_loader, resume_step, sample_seed, train_loader
 from .engine import Distiller, Trainer, TrainState, evaluate, normalizer
 from .losses import ObjectiveWeights
 from .models import (
@@ -47,7 +48,6 @@ from .models import (
     wrap_student,
 )
 from .runlog import MetricsWriter, setup_logging, truncate_after
-from .sampling import EpochSampler, eval_loader, resume_step, sample_seed, train_loader
 from .schedules import training_progress
 from .weights import (
     classifier_weights,
