@@ -203,9 +203,17 @@ def epoch_curve(run_dir: Path) -> list[dict]:
 
 
 def sha256(path: Path) -> str:
+    """SHA-256 of a safetensors file's tensors (names, dtypes, shapes, bytes, in name order):
+    the file's own bytes are not reproducible, since its header's metadata order is not."""
     import hashlib
 
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    from safetensors.torch import load_file
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(load_file(str(path)).items()):
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def run_one(
@@ -239,11 +247,13 @@ def run_one(
     entry = {
         "recipe": str(recipe.relative_to(ROOT)),
         "overrides": overrides,
-        "wall_s": time.perf_counter() - start,
+        "wall_s": time.perf_counter() - start,  # this invocation only (a resumed run: its end)
+        "train_s": train_seconds(run_dir),
         "val": {r: final["last_epoch"][r] for r in RULES if r in final["last_epoch"]},
         "test": {r: final["test_last_epoch"][r] for r in RULES if r in final["test_last_epoch"]},
         "curve": epoch_curve(run_dir),
         "weights_sha256": sha256(run_dir / "student.safetensors"),
+        "digest": "tensors",
     }
     if finished_before and finished_before.get("weights_sha256") not in (
         None,
@@ -254,6 +264,17 @@ def run_one(
     write_results(path, {"runs": {key: entry}})
     print(f"[regimes] {key}: test {entry['test']} in {entry['wall_s']:.0f} s", flush=True)
     return True
+
+
+def train_seconds(run_dir: Path) -> float:
+    """The run's training time: the sum of its epochs' ``epoch_time_s`` (evaluation excluded),
+    whatever number of invocations it took."""
+    total = 0.0
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record.get("type") == "epoch":
+            total += record["train"]["epoch_time_s"]
+    return total
 
 
 def run_key(label: str, seed: int) -> str:
@@ -342,15 +363,15 @@ def plot(results: dict, regime: Regime, path: Path) -> None:
 def report(results: dict, regime: Regime, *, command: str, quick: bool, name: str) -> str:
     """The generated block of the regime's Markdown page."""
     runs = results["runs"]
-    wall = sum(entry["wall_s"] for entry in runs.values())
+    spent = sum(entry.get("train_s", entry["wall_s"]) for entry in runs.values())
     lines = [
         GENERATED_START,
         "",
         f"- Command: `{command}`" + (" (quick mode: a smoke test, not a result)" if quick else ""),
         f"- Machine: {os.cpu_count()} CPU cores ({cpu_model()}), shared with other jobs; "
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s) per process",
-        f"- Wall time: {wall / 60:.1f} min over {len(runs)} finished runs (the sum of each "
-        "run's wall time)",
+        f"- Training time: {spent / 60:.1f} min over {len(runs)} finished runs (the sum of every "
+        "epoch's training time, evaluation excluded; on cores shared with other jobs)",
     ]
     teacher = runs.get("teacher")
     if teacher:
@@ -403,12 +424,13 @@ def report(results: dict, regime: Regime, *, command: str, quick: bool, name: st
             paired(results, "deit", "none", rules=("cls+dist", "cls")),
         ),
         "",
-        "Per run (test top-1 at the last epoch: cls / cls+dist / cls+dist+patch; wall time):",
+        "Per run (test top-1 at the last epoch: cls / cls+dist / cls+dist+patch; training time):",
         "",
     ]
     for key, entry in runs.items():
         shown = " / ".join(f"{value['top1']:.2f}" for value in entry["test"].values())
-        lines.append(f"- `{key}`: {shown} ({entry['wall_s']:.0f} s)")
+        spent = f"{entry['train_s']:.0f} s training" if "train_s" in entry else "—"
+        lines.append(f"- `{key}`: {shown} ({spent})")
     lines += ["", f"![test top-1 per epoch]({name}.png)", "", GENERATED_END]
     return "\n".join(lines)
 
@@ -484,6 +506,20 @@ def main(argv: list[str] | None = None) -> int:
                 path=results_path,
             )
 
+    missing = {  # runs recorded before train_s and the tensor digest, folders still here
+        key: {
+            **entry,
+            "train_s": train_seconds(output_dir / key),
+            "weights_sha256": sha256(output_dir / key / "student.safetensors"),
+        }
+        for key, entry in read_results(results_path)["runs"].items()
+        if (output_dir / key / "student.safetensors").exists()
+        and ("train_s" not in entry or entry.get("digest") != "tensors")
+    }
+    for entry in missing.values():
+        entry["digest"] = "tensors"
+    if missing:
+        write_results(results_path, {"runs": missing})
     results = read_results(results_path)
     command = "python benchmarks/regimes.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if results["runs"]:
