@@ -164,7 +164,7 @@ def run(key: str, recipe: Path, overrides: list[str], runs: Path, results_path: 
             rule: last[rule] for rule in ("cls", "cls+dist", "cls+dist+patch") if rule in last
         },
         "log": [
-            line.split(" ", 1)[1]
+            line.split(" ", 1)[1].replace(str(ROOT) + "/", "")
             for line in (run_dir / "train.log").read_text().splitlines()
             if "initialised from" in line or "re-initialised" in line or "resampled" in line
         ],
@@ -226,7 +226,9 @@ def report(results: dict, *, command: str, quick: bool) -> str:
                 f"| {size} px | {start} | {len(values)} | {mean:.2f} ± {std:.2f} | "
                 f"{seeds} | {gain} |"
             )
-    example = runs.get("ft48-cskd-seed0", {}).get("log", [])
+    example = [
+        line.replace(str(ROOT) + "/", "") for line in runs.get("ft48-cskd-seed0", {}).get("log", [])
+    ]
     if example:
         lines += ["", "What the 48 px fine-tune logged at its start:", "", "```", *example, "```"]
     lines += ["", GENERATED_END]
