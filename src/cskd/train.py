@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import signal
@@ -912,6 +913,7 @@ def evaluate_checkpoint(config: Config | list[str] | None, checkpoint_path: str 
         backend=config.train.dist_backend,
         timeout_s=config.train.dist_timeout_s,
     )
+    setup_logging(rank=info.rank)  # what was adapted (another image size) goes to stderr
     device = info.device
     val_set = build_eval_set(config.data, config.augment)
     if exported is not None and list(val_set.classes or []) != exported["class_names"]:
@@ -974,6 +976,7 @@ def config_of_export(info: dict) -> dict:
             "mean": info["mean"],
             "std": info["std"],
             "eval_crop_pct": info["crop_pct"],
+            "workers": min(8, os.cpu_count() or 1),  # this machine's, not the training one's
         },
         "augment": {"interpolation": info["interpolation"]},
         "distill": {"method": info["method"]},  # its rules; evaluation runs no teacher
