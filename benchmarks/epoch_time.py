@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cskd import sampling
+from cskd.data import sampling
 from cskd.config import load_config
 from cskd.runlog import cpu_model
 from cskd.train import train

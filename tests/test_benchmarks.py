@@ -158,7 +158,7 @@ def test_epoch_time_runs_old_and_new_seeding_side_by_side(tmp_path, one_thread):
     page = output.with_suffix(".md").read_text()
     assert "| before seeding |" in page and "| after seeding |" in page
     # the legacy path is restored afterwards: the sampler seeds the CPU generator only again
-    from cskd import sampling
+    from cskd.data import sampling
 
     assert "default_generator" in sampling.SeededSamples.__getitem__.__code__.co_names
 

@@ -206,7 +206,7 @@ def test_resume_checkpoint_missing_unreadable_incomplete_or_of_another_architect
     line = refused(tiny_run(**{"train.resume": str(deeper)}), capsys, run_dir)
     assert line.startswith(
         f"checkpoint {deeper} does not fit the student deit_tiny_distilled_patch16_224 "
-        "(VisionTransformer): unexpected keys blocks.2."
+        "(VisionTransformerDistilled): unexpected keys blocks.2."
     )
 
 
