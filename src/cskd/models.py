@@ -199,7 +199,8 @@ def load_teacher(
                 raise
             raise CheckpointError(
                 f"{error}; a teacher must know the data's classes: refit it on your data first "
-                "(configs/finetune/teacher_resnet50.yaml, README 'Your own data')"
+                "(configs/finetune/teacher_resnet50.yaml or teacher_regnety_160.yaml; at CPU scale "
+                "fashion_mnist_teacher_refit.yaml; README 'Your own data')"
             ) from None
     elif pretrained_tag:
         model = create_pretrained(
@@ -246,7 +247,8 @@ def create_pretrained(
         raise CheckpointError(
             f"timm's {full} weights have a {saved_classes}-class head but the data has "
             f"{num_classes} classes; a teacher must know the data's classes: refit it on your "
-            "data first (configs/finetune/teacher_resnet50.yaml, README 'Your own data')"
+            "data first (configs/finetune/teacher_resnet50.yaml or teacher_regnety_160.yaml; "
+            "README 'Your own data')"
         )
     try:
         model = timm.create_model(full, pretrained=True, num_classes=num_classes, **kwargs)
