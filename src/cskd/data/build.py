@@ -131,6 +131,14 @@ def _split_maker(data_cfg: Any) -> tuple[Callable[[str, Transform], Dataset], st
     return make, official_val_split
 
 
+def _eval_transform(data_cfg: Any, augment_cfg: Any) -> EvalTransform:
+    return EvalTransform(
+        image_size=data_cfg.image_size,
+        crop_pct=data_cfg.eval_crop_pct,
+        interpolation=augment_cfg.interpolation,
+    )
+
+
 def build_datasets(data_cfg: Any, augment_cfg: Any) -> tuple[Dataset, Dataset]:
     """Build the (train, val) datasets from the data and augment configs.
 
@@ -147,11 +155,7 @@ def build_datasets(data_cfg: Any, augment_cfg: Any) -> tuple[Dataset, Dataset]:
         interpolation=augment_cfg.interpolation,
         mean=tuple(data_cfg.mean),
     )
-    eval_transform = EvalTransform(
-        image_size=data_cfg.image_size,
-        crop_pct=data_cfg.eval_crop_pct,
-        interpolation=augment_cfg.interpolation,
-    )
+    eval_transform = _eval_transform(data_cfg, augment_cfg)
     make, official_val_split = _split_maker(data_cfg)
     if data_cfg.dataset == "folder" and data_cfg.val_split == 0:
         check_class_folders(data_cfg.root)
@@ -189,12 +193,7 @@ def build_eval_set(data_cfg: Any, augment_cfg: Any) -> Dataset:
     if data_cfg.val_split:
         return build_datasets(data_cfg, augment_cfg)[1]
     make, official_val_split = _split_maker(data_cfg)
-    transform = EvalTransform(
-        image_size=data_cfg.image_size,
-        crop_pct=data_cfg.eval_crop_pct,
-        interpolation=augment_cfg.interpolation,
-    )
-    val = make(official_val_split, transform)
+    val = make(official_val_split, _eval_transform(data_cfg, augment_cfg))
     if len(val.classes) != data_cfg.num_classes:
         raise DataError(
             f"data.num_classes={data_cfg.num_classes} but the {data_cfg.dataset} "
