@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cskd.data import sampling
 from cskd.config import load_config
+from cskd.data import sampling
 from cskd.runlog import cpu_model
 from cskd.train import train
 

@@ -191,7 +191,7 @@ def measure_pair(
         distiller = teacher_trainer.distiller
         with torch.no_grad(), teacher_trainer.autocast():
             for _ in range(count):
-                images, _ = teacher_trainer.prepare(batch)
+                images, _, _ = teacher_trainer.prepare(batch)
                 distiller.teacher(images * distiller.teacher_scale + distiller.teacher_shift)
 
     branch = cskd_branch(trainers["cskd"], batch)
@@ -286,7 +286,7 @@ def cskd_branch(trainer: Trainer, batch: dict):
     )
     weights = distiller.weights
     with torch.no_grad(), trainer.autocast():
-        images, _ = trainer.prepare(batch)
+        images, _, _ = trainer.prepare(batch)
         teacher = distiller.teacher(images * distiller.teacher_scale + distiller.teacher_shift)
         tokens = student.model.forward_features(images)  # (N, P + M, D)
     teacher_grid = tuple(teacher.dense_logits.shape[-2:])

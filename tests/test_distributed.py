@@ -247,7 +247,7 @@ def gradient_scenario(rank: int, config) -> dict:
     if rank == 0:
         reference = step_trainer(config, alone, teacher)
         both = [one_rank_batch(0), one_rank_batch(1)]
-        images, targets = reference.prepare(
+        images, targets, _ = reference.prepare(
             {key: torch.cat([batch[key] for batch in both]) for key in both[0]}
         )
         loss, _ = reference.distiller(images, targets, 0.0)

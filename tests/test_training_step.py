@@ -68,7 +68,7 @@ def test_random_erasing_runs_before_mixup_on_the_normalised_batch():
     trainer.student_norm = normalizer((0.5,), (0.25,), torch.device("cpu"))
     trainer.erasing, trainer.mixup = erasing, mixup
     pixels = torch.rand(2, 1, 4, 4)
-    images, _ = trainer.prepare({"image": pixels, "target": torch.tensor([0, 1])})
+    images, _, _ = trainer.prepare({"image": pixels, "target": torch.tensor([0, 1])})
     assert [name for name, _ in calls] == ["erasing", "mixup"]
     torch.testing.assert_close(calls[0][1], (pixels - 0.5) / 0.25)  # erasing sees normalised
     assert (calls[1][1] == 7.0).all()  # Mixup sees the erased batch

@@ -37,6 +37,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--config", help="YAML recipe (configs/...)")
     train.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    cache = commands.add_parser(
+        "cache",
+        help="run the teacher once over the training set and store its responses",
+        description="Build (or complete) the teacher cache at teacher.cache for a recipe: the "
+        "teacher's dense logits of every training image. Train with the same recipe and "
+        "teacher.cache to skip the teacher in every step. Resumable; shards split over ranks "
+        "under torchrun.",
+    )
+    cache.add_argument("--config", help="YAML recipe (configs/...)")
+    cache.add_argument("overrides", nargs="*", help="section.key=value overrides")
     show = commands.add_parser(
         "config", help="print the resolved config (recipe, its bases, overrides and defaults)"
     )
@@ -66,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
             from .train import train
 
             train(load_config(args.config, args.overrides))
+        elif args.command == "cache":
+            from .caching import build_cache
+
+            directory = build_cache(load_config(args.config, args.overrides))
+            if _rank() == 0:
+                print(directory)
         elif args.command == "eval":
             from .train import evaluate_checkpoint
 

@@ -57,6 +57,16 @@ class TeacherConfig:
     # the teacher's precision: auto (fp16 on GPU, as released; fp32 on CPU) | fp32 | fp16 | bf16
     # (docs/results/teacher_precision.md: bf16 flips ~10x more hard targets than fp16)
     amp: str = "auto"
+    # the teacher's responses read from a cache (`cskd cache` builds it; docs/results/cache.md
+    # says what it follows exactly): "" = the teacher runs in every training step
+    cache: str = ""
+    cache_size: int = 0  # `cskd cache`: the whole image's size for the teacher (0 = image_size)
+    cache_topk: int = 0  # `cskd cache`: keep the k largest logits per cell (0 = every class)
+    cache_dtype: str = "float16"  # `cskd cache`: float16 | float32 storage of the logits
+    cache_shard_size: int = 1024  # `cskd cache`: images per shard file
+    channels_last: str = (
+        "auto"  # auto (channels-last on a GPU) | on | off: the teacher's memory format
+    )
 
 
 @dataclass
@@ -144,8 +154,9 @@ class TrainConfig:
     eval_interval: int = 1  # evaluate after every N-th epoch (and always after the last)
     diagnostics: bool = False  # log teacher-map, student-agreement and attention diagnostics
     diagnostics_images: int = 256  # validation images the diagnostics are measured on
-    channels_last: bool = False  # channels-last memory format for student and teacher
-    compile: bool = False  # torch.compile the student
+    channels_last: bool = False  # channels-last memory format for the student
+    compile: bool = False  # torch.compile the student and the teacher
+    compile_backend: str = "inductor"  # torch.compile backend (e.g. eager, to test tracing)
     dist_backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
     dist_timeout_s: int = 1800  # torchrun collective timeout in seconds
 
@@ -173,13 +184,15 @@ CHOICES = {
     "distill.progress": PROGRESS_UNITS,
     "train.amp": ("auto", "off", "bf16", "fp16"),
     "teacher.amp": ("auto", "fp32", "fp16", "bf16"),
+    "teacher.cache_dtype": ("float16", "float32"),
+    "teacher.channels_last": ("auto", "on", "off"),
     "optim.schedule_unit": ("step", "epoch"),
     "train.dist_backend": ("auto", "nccl", "gloo"),
 }
 POSITIVE = ("data.num_classes", "data.image_size", "data.in_chans", "data.batch_size")
 POSITIVE += ("optim.lr", "optim.epochs", "optim.lr_batch_reference", "train.log_interval")
 POSITIVE += ("distill.tau", "train.dist_timeout_s", "train.eval_interval")
-POSITIVE += ("train.diagnostics_images",)
+POSITIVE += ("train.diagnostics_images", "teacher.cache_shard_size")
 NON_NEGATIVE = ("data.workers", "data.train_subset", "data.val_split", "optim.weight_decay")
 NON_NEGATIVE += ("optim.warmup_epochs", "optim.clip_grad", "optim.min_lr", "optim.warmup_lr")
 NON_NEGATIVE += (
@@ -189,6 +202,7 @@ NON_NEGATIVE += (
     "distill.cskd_weight",
 )
 NON_NEGATIVE += ("data.eval_batch_size", "student.drop_path")
+NON_NEGATIVE += ("teacher.cache_size", "teacher.cache_topk")
 PROBABILITIES = ("augment.hflip", "augment.reprob", "augment.mixup_switch_prob")
 PROBABILITIES += ("distill.alpha", "train.ema_decay", "augment.label_smoothing")
 # PyYAML (YAML 1.1) reads "1e-3" and "5e-4" as strings; float fields accept such numbers.

@@ -20,9 +20,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .cached_teacher import CachedTeacher, mix_with_partner_weights
 from .distributed import all_reduce_sum
 from .losses import ObjectiveWeights, objective
-from .models import DenseTeacher, combine_heads
+from .models import DenseTeacher, TeacherOutput, combine_heads
 from .schedules import local_weight, training_progress
 
 log = logging.getLogger("cskd")
@@ -63,13 +64,21 @@ class Distiller(nn.Module):
             self.register_buffer("teacher_shift", (mean_s - mean_t) / std_t, persistent=False)
 
     def forward(
-        self, images: torch.Tensor, targets: torch.Tensor, progress: float
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        progress: float,
+        teacher_output: TeacherOutput | None = None,
     ) -> tuple[torch.Tensor, dict]:
-        """images: (N, C, S, S) normalised for the student; targets: (N,) or (N, K) soft."""
-        if self.teacher is None:
+        """images: (N, C, S, S) normalised for the student; targets: (N,) or (N, K) soft.
+        ``teacher_output``: the teacher's responses for this batch when they come from a cache
+        (:class:`~cskd.cached_teacher.CachedTeacher`); the teacher then does not run."""
+        if self.weights.method == "none":
             output = self.student(images, with_patches=False)
             return objective(cls_logits=output.cls_logits, targets=targets, weights=self.weights)
-        teacher = self.teacher(images * self.teacher_scale + self.teacher_shift)
+        teacher = teacher_output
+        if teacher is None:
+            teacher = self.teacher(images * self.teacher_scale + self.teacher_shift)
         dense = self.weights.method == "cskd"
         output = self.student(
             images,
@@ -127,23 +136,33 @@ class Trainer:
     should_stop: Callable[[], bool] = lambda: False
     on_checkpoint: Callable[[], None] = lambda: None
     checkpoint_interval: int = 0
+    cached_teacher: CachedTeacher | None = None  # teacher targets from a cache (teacher.cache)
 
     def autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
-    def prepare(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalise, erase and mix a loader batch on the device, once, for student and teacher."""
+    def prepare(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, TeacherOutput | None]:
+        """Normalise, erase and mix a loader batch on the device, once, for student and teacher.
+        With a cached teacher, also its targets for the batch's crops, flips and mixing."""
         images = batch["image"].to(self.device, non_blocking=True)
         targets = batch["target"].to(self.device, non_blocking=True)
         mean, std = self.student_norm
         images = (images - mean) / std
         if self.erasing is not None:
             images = self.erasing(images)
+        if self.cached_teacher is None:
+            if self.mixup is not None:
+                images, targets = self.mixup(images, targets)
+            return images, targets, None
+        partner = None
         if self.mixup is not None:
-            images, targets = self.mixup(images, targets)
-        return images, targets
+            images, targets, partner = mix_with_partner_weights(self.mixup, images, targets)
+        teacher_output = self.cached_teacher(
+            index=batch["index"], crop=batch["crop"], flip=batch["flip"], partner=partner
+        )
+        return images, targets, teacher_output
 
     def step(self, batch: dict, state: TrainState) -> dict:
         progress = training_progress(
@@ -153,9 +172,9 @@ class Trainer:
             epochs=self.epochs,
             unit=self.progress_unit,
         )
-        images, targets = self.prepare(batch)
+        images, targets, teacher_output = self.prepare(batch)
         with self.autocast():
-            loss, parts = self.distiller(images, targets, progress)
+            loss, parts = self.distiller(images, targets, progress, teacher_output)
         # summed over ranks: a non-finite loss on any rank stops every rank at this same step
         if not math.isfinite(all_reduce_sum(loss.detach().float().reshape(1).clone()).item()):
             shown = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())

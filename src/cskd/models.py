@@ -87,6 +87,7 @@ class DenseTeacher(nn.Module):
         # None: the caller's precision; float32: autocast off; float16/bfloat16: autocast to it
         self.amp_dtype = amp_dtype
         self.fp32_head = fp32_head  # classifier (dense and global) in fp32 from the features
+        self.channels_last = False  # inputs made channels-last (set with the model's format)
         classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
         if dense and not isinstance(classifier, nn.Linear):
             raise TeacherError(
@@ -117,6 +118,8 @@ class DenseTeacher(nn.Module):
         caller's autocast (float16 is how the CSKD release runs its teacher; float32 turns
         autocast off); with ``fp32_head`` only the features are computed at low precision."""
         device_type = images.device.type
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         if self.amp_dtype is None:
             precision = contextlib.nullcontext()
         elif self.amp_dtype == torch.float32:

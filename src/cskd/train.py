@@ -28,6 +28,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
 from . import diagnostics, distributed, preflight
+from .cached_teacher import open_cached_teacher
 from .checkpoint import (
     CheckpointError,
     read_file,
@@ -279,6 +280,21 @@ def build_distiller(
     ).to(device)
 
 
+def place_teacher(config: Config, teacher: DenseTeacher, device: torch.device) -> DenseTeacher:
+    """The teacher on ``device`` at its precision (``teacher.amp``), channels-last where it helps
+    (``teacher.channels_last``: ``auto`` on a GPU, where convolutions under autocast prefer it)
+    and compiled with the student (``train.compile``)."""
+    teacher = teacher.to(device)
+    teacher.amp_dtype = teacher_amp_dtype(config, device)
+    channels_last = config.teacher.channels_last
+    if channels_last == "on" or (channels_last == "auto" and device.type == "cuda"):
+        teacher = teacher.to(memory_format=torch.channels_last)
+        teacher.channels_last = True
+    if config.train.compile:
+        teacher.compile(backend=config.train.compile_backend)
+    return teacher
+
+
 def teacher_amp_dtype(config: Config, device: torch.device) -> torch.dtype:
     """The teacher's precision: ``auto`` is fp16 on a GPU (as the release runs its teacher, and
     10x fewer flipped hard targets than bf16, docs/results/teacher_precision.md), fp32 on CPU."""
@@ -461,11 +477,14 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
     student = distributed.together(build_student, config, initial_weights=fresh).to(device)
     teacher = distributed.together(build_teacher, config)
     if teacher is not None:
-        teacher = teacher.to(device)
-        teacher.amp_dtype = teacher_amp_dtype(config, device)
+        teacher = place_teacher(config, teacher, device)
+    cached_teacher = None  # teacher.cache: the step reads the teacher's targets from disk
+    if config.teacher.cache:
+        cached_teacher = distributed.together(
+            open_cached_teacher, config, teacher=teacher, train_set=train_set, device=device
+        )
     if config.train.channels_last:
         student = student.to(memory_format=torch.channels_last)
-        teacher = teacher.to(memory_format=torch.channels_last) if teacher is not None else None
     ema = ModelEmaV3(student, decay=config.train.ema_decay) if config.train.ema else None
     seed_everything(config.train.seed + info.rank)  # each rank its own dropout, Mixup, erasing
 
@@ -486,7 +505,7 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
             find_unused_parameters=config.distill.method == "none",
         )
     if config.train.compile:
-        trained = torch.compile(trained)
+        trained = torch.compile(trained, backend=config.train.compile_backend)
     distiller = build_distiller(config, trained, teacher, device=device, mixup=mixup is not None)
     distributed.together(
         preflight.check_run,
@@ -568,6 +587,7 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
         ),
         on_checkpoint=lambda: save("last.pt"),
         checkpoint_interval=config.train.checkpoint_interval,
+        cached_teacher=cached_teacher,
     )
     evaluation = EpochEvaluation(
         config=config,

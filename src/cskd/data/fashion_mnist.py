@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import math
 import os
 import zlib
@@ -159,6 +160,14 @@ class FashionMNIST(Dataset):
     def __len__(self) -> int:
         return self.images.shape[0] if self.indices is None else len(self.indices)
 
+    def identity(self) -> list[Any]:
+        """What identifies the samples (for the teacher cache): split, the SHA-256 of the
+        images and labels, and ``indices``."""
+        digest = hashlib.sha256(self.images.numpy().tobytes())
+        digest.update(self.labels.numpy().tobytes())
+        indices = None if self.indices is None else self.indices.tolist()
+        return [self.split, digest.hexdigest(), indices]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         source = index if self.indices is None else int(self.indices[index])
         image = Image.fromarray(self.images[source].numpy())
@@ -205,6 +214,10 @@ class TranslatedFashionMNIST(FashionMNIST):
         self.clutter = clutter
         self.fragment_size = fragment_size
         self.placement_seed = placement_seed
+
+    def identity(self) -> list[Any]:
+        layout = [self.canvas_size, self.clutter, self.fragment_size, self.placement_seed]
+        return [*super().identity(), layout]
 
     def placement(self, source: int) -> tuple[int, int]:
         """(top, left) of the garment of IDX image ``source`` on its canvas."""

@@ -116,6 +116,12 @@ class ImageFolderDataset(Dataset):
         """The image file paths, in sample order."""
         return [path for path, _ in self.samples]
 
+    def identity(self) -> list[Any]:
+        """What identifies the samples (for the teacher cache): the split, channels and every
+        (path relative to the root, class) in order - the file list, not the file contents."""
+        files = [[os.path.relpath(path, self.root), target] for path, target in self.samples]
+        return [self.split, self.mode, files]
+
     def __len__(self) -> int:
         return len(self.samples)
 

@@ -57,6 +57,9 @@ class SyntheticImages(Dataset):
         self._patterns = torch.rand(num_classes, channels, grid, grid, generator=generator) * 2 - 1
         self._tints = torch.rand(num_classes, channels, 1, 1, generator=generator) * 2 - 1
 
+    def identity(self) -> list[Any]:
+        return [self.size, self.num_classes, self.image_size, self.channels, self.seed]
+
     def __len__(self) -> int:
         return self.size
 
