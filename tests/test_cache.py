@@ -16,7 +16,7 @@ from timm.data import Mixup
 from cskd.cached_teacher import CachedTeacher, mix_with_partner_weights
 from cskd.cli import main
 from cskd.config import load_config
-from cskd.data.cache import CacheError, open_cache
+from cskd.data.cache import CacheError, TeacherCache, open_cache
 from cskd.engine import Distiller, Trainer
 from cskd.losses import ObjectiveWeights
 from cskd.models import TeacherOutput
@@ -206,18 +206,7 @@ def test_building_into_a_directory_of_another_cache_is_refused(tiny_run, tmp_pat
 
 def tiny_cache(maps: torch.Tensor, *, sizes: torch.Tensor, grid) -> CachedTeacher:
     """A CachedTeacher over in-memory maps (N, K, Hc, Wc), as if read from disk."""
-    from cskd.data.cache import TeacherCache
-
-    header = {
-        "num_classes": maps.shape[1],
-        "images": maps.shape[0],
-        "shard_size": maps.shape[0],
-        "map_grid": list(maps.shape[-2:]),
-        "train_grid": list(grid),
-        "topk": 0,
-    }
-    shard = {"logits": maps.numpy(), "sizes": sizes.numpy()}
-    return CachedTeacher(TeacherCache(path=Path("."), header=header, shards=[shard]))
+    return CachedTeacher(TeacherCache.from_arrays(maps, sizes, train_grid=grid))
 
 
 def test_the_whole_image_crop_gives_the_stored_map_and_its_mean():

@@ -245,6 +245,24 @@ class TeacherCache:
     header: dict
     shards: list[dict[str, np.ndarray]]
 
+    @classmethod
+    def from_arrays(
+        cls, logits: torch.Tensor, sizes: torch.Tensor, *, train_grid: tuple[int, int]
+    ) -> TeacherCache:
+        """An in-memory cache of every logit: ``logits`` (N, K, Hc, Wc) of images ``0..N-1``
+        whose originals are ``sizes`` (N, 2) = (height, width) pixels; ``train_grid`` the
+        teacher's map size at the training image size."""
+        header = {
+            "num_classes": logits.shape[1],
+            "images": logits.shape[0],
+            "shard_size": max(logits.shape[0], 1),
+            "map_grid": list(logits.shape[-2:]),
+            "train_grid": list(train_grid),
+            "topk": 0,
+        }
+        shard = {"logits": logits.detach().cpu().numpy(), "sizes": sizes.cpu().numpy()}
+        return cls(path=Path("<memory>"), header=header, shards=[shard])
+
     @property
     def num_classes(self) -> int:
         return int(self.header["num_classes"])
