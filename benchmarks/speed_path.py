@@ -66,13 +66,23 @@ IMAGENET_TRAIN_IMAGES = 1_281_167
 WAYS = {  # way -> (config overrides, targets from a cache)
     "online": ((), False),
     "cached": ((), True),
-    "release": (("train.amp=fp16", "teacher.amp=fp16", "teacher.channels_last=off"), False),
+    "release": (("train.amp=fp16", "teacher.amp=fp16", "teacher.memory_format=contiguous"), False),
     "ours": (
-        ("train.amp=bf16", "teacher.amp=fp16", "train.compile=true", "teacher.channels_last=on"),
+        (
+            "train.amp=bf16",
+            "teacher.amp=fp16",
+            "train.compile=true",
+            "teacher.memory_format=channels_last",
+        ),
         False,
     ),
     "ours+cache": (
-        ("train.amp=bf16", "teacher.amp=fp16", "train.compile=true", "teacher.channels_last=on"),
+        (
+            "train.amp=bf16",
+            "teacher.amp=fp16",
+            "train.compile=true",
+            "teacher.memory_format=channels_last",
+        ),
         True,
     ),
 }

@@ -222,3 +222,44 @@ def test_transfer_quick_pretrains_fine_tunes_every_start_and_resamples_at_48_px(
     assert results["ft32-scratch-seed0"]["log"] == []  # scratch starts from nothing
     page = (tmp_path / "transfer_quick.md").read_text()
     assert "| 48 px | cskd |" in page and "Quick mode" in page
+
+
+def test_speed_path_quick_times_every_way_and_the_cache_build(tmp_path):
+    """The GPU script's smoke mode on the CPU: online, cached and the release's way (fp16 with
+    a gradient scaler), and the cost of a real `cskd cache` build."""
+    import os
+    import subprocess
+
+    environment = dict(os.environ, QUICK="1", PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_speed_path.sh"), str(tmp_path)],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "speed_path_quick.json").read_text())
+    times = record["results"][0]["seconds_per_step"]
+    assert set(times) == {"online", "cached", "release"}
+    assert all(len(values) == 2 and min(values) > 0 for values in times.values())
+    assert [row["storage"].split(",")[0] for row in record["cache_build"]] == [
+        "every logit",
+        "top-9",
+    ]
+    page = (tmp_path / "speed_path.md").read_text()
+    assert "| online / cached |" in page and "generated:speed_path_quick start" in page
+
+
+def test_cache_fidelity_quick_compares_cached_with_online_targets(tmp_path, one_thread):
+    script = load_script("cache_fidelity")
+    arguments = ["--quick", "--batches", "1", "--output-dir", str(tmp_path / "runs")]
+    assert script.main([*arguments, "--results-dir", str(tmp_path), *one_thread]) == 0
+    results = json.loads((tmp_path / "cache_quick.json").read_text())["runs"]
+    assert set(results["caches"]) == {"32", "64"}
+    assert len(results["fidelity"]) == 2 * len(script.SETTINGS)
+    for row in results["fidelity"].values():
+        assert 0.0 <= row["hard_ckf_a1"] <= 1.0 and row["locations"] == 16 * 16
+    assert "cached-cskd-linear-seed0" in results
+    page = (tmp_path / "cache_quick.md").read_text()
+    assert "hard CKF a = 1" in page and "cached - online" in page

@@ -267,3 +267,32 @@ def test_the_first_step_after_resuming_with_another_batch_runs_at_the_new_schedu
     )
     scheduler.step_update(num_updates=epoch * 2 + step_in_epoch)
     assert lr == pytest.approx(scheduler.optimizer.param_groups[0]["lr"])
+
+
+def test_persistent_loader_workers_train_the_same_student_as_none(tmp_path, teacher_checkpoint):
+    """Two loader workers that live across both epochs (one DataLoader, iterated per epoch)
+    give the very weights of a run without workers: every sample is seeded on its own."""
+    from conftest import tiny_overrides
+
+    import cskd.data.sampling
+
+    loaders = []
+    original = cskd.data.sampling.DataLoader
+
+    def recording(*args, **kwargs):
+        loaders.append(kwargs)
+        return original(*args, **kwargs)
+
+    runs = {}
+    for workers in (0, 2):
+        run_dir = tmp_path / f"workers{workers}"
+        overrides = tiny_overrides(run_dir, teacher_checkpoint, **{"data.workers": workers})
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(cskd.data.sampling, "DataLoader", recording)
+            assert main(["train", *overrides, "data.prefetch_factor=3"]) == 0
+        runs[workers] = load_file(run_dir / "student.safetensors")
+    train_loaders = [kwargs for kwargs in loaders if kwargs.get("drop_last")]
+    assert len(train_loaders) == 2, "one training loader per run, not one per epoch"
+    assert train_loaders[1]["persistent_workers"] and train_loaders[1]["prefetch_factor"] == 3
+    for key, value in runs[0].items():
+        assert torch.equal(value, runs[2][key]), key

@@ -112,3 +112,37 @@ def test_drop_path_reaches_the_timm_model(tiny_run, rate):
     ]
     assert rates[-1] == pytest.approx(rate)  # timm spreads it linearly over the blocks
     assert rates[0] == 0.0
+
+
+def test_place_teacher_makes_it_channels_last_and_compiles_it_with_the_student(tiny_run):
+    from cskd.config import load_config
+    from cskd.train import build_teacher, place_teacher
+
+    images = torch.randn(2, 3, 32, 32)
+    plain = load_config(None, tiny_run(**{"teacher.memory_format": "contiguous"}))
+    reference = place_teacher(plain, build_teacher(plain), torch.device("cpu"))
+    assert not reference.channels_last and reference._compiled_call_impl is None
+    fast = load_config(
+        None,
+        tiny_run(
+            **{
+                "teacher.memory_format": "channels_last",
+                "train.compile": "true",
+                "train.compile_backend": "eager",  # dynamo's tracing without code generation
+            }
+        ),
+    )
+    teacher = place_teacher(fast, build_teacher(fast), torch.device("cpu"))
+    assert teacher.channels_last and teacher._compiled_call_impl is not None
+    conv = next(m for m in teacher.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    expected, got = reference(images), teacher(images)
+    torch.testing.assert_close(got.dense_logits, expected.dense_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.global_logits, expected.global_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_a_compiled_run_trains(tiny_run):
+    from cskd.cli import main
+
+    overrides = {"train.compile": "true", "train.compile_backend": "eager", "optim.epochs": 1}
+    assert main(["train", *tiny_run(**overrides), "train.max_steps_per_epoch=2"]) == 0

@@ -64,9 +64,7 @@ class TeacherConfig:
     cache_topk: int = 0  # `cskd cache`: keep the k largest logits per cell (0 = every class)
     cache_dtype: str = "float16"  # `cskd cache`: float16 | float32 storage of the logits
     cache_shard_size: int = 1024  # `cskd cache`: images per shard file
-    channels_last: str = (
-        "auto"  # auto (channels-last on a GPU) | on | off: the teacher's memory format
-    )
+    memory_format: str = "auto"  # auto (channels_last on a GPU) | channels_last | contiguous
 
 
 @dataclass
@@ -82,7 +80,8 @@ class DataConfig:
     std: tuple[float, ...] = IMAGENET_STD  # the student's input normalisation
     batch_size: int = 128  # per process
     eval_batch_size: int = 0  # 0 = 2 x batch_size
-    workers: int = 8  # data loader worker processes per process
+    workers: int = 8  # data loader worker processes per process (they persist across epochs)
+    prefetch_factor: int = 2  # batches each loader worker keeps ready
     train_subset: int = 0  # 0 = every training image; N = a fixed random subset of N
     subset_seed: int = 0  # seed of the train_subset / val_split choice
     val_split: int = 0  # N > 0: hold out N training images as validation (test set untouched)
@@ -185,14 +184,14 @@ CHOICES = {
     "train.amp": ("auto", "off", "bf16", "fp16"),
     "teacher.amp": ("auto", "fp32", "fp16", "bf16"),
     "teacher.cache_dtype": ("float16", "float32"),
-    "teacher.channels_last": ("auto", "on", "off"),
+    "teacher.memory_format": ("auto", "channels_last", "contiguous"),
     "optim.schedule_unit": ("step", "epoch"),
     "train.dist_backend": ("auto", "nccl", "gloo"),
 }
 POSITIVE = ("data.num_classes", "data.image_size", "data.in_chans", "data.batch_size")
 POSITIVE += ("optim.lr", "optim.epochs", "optim.lr_batch_reference", "train.log_interval")
 POSITIVE += ("distill.tau", "train.dist_timeout_s", "train.eval_interval")
-POSITIVE += ("train.diagnostics_images", "teacher.cache_shard_size")
+POSITIVE += ("train.diagnostics_images", "teacher.cache_shard_size", "data.prefetch_factor")
 NON_NEGATIVE = ("data.workers", "data.train_subset", "data.val_split", "optim.weight_decay")
 NON_NEGATIVE += ("optim.warmup_epochs", "optim.clip_grad", "optim.min_lr", "optim.warmup_lr")
 NON_NEGATIVE += (

@@ -282,12 +282,12 @@ def build_distiller(
 
 def place_teacher(config: Config, teacher: DenseTeacher, device: torch.device) -> DenseTeacher:
     """The teacher on ``device`` at its precision (``teacher.amp``), channels-last where it helps
-    (``teacher.channels_last``: ``auto`` on a GPU, where convolutions under autocast prefer it)
+    (``teacher.memory_format``: ``auto`` on a GPU, where convolutions under autocast prefer it)
     and compiled with the student (``train.compile``)."""
     teacher = teacher.to(device)
     teacher.amp_dtype = teacher_amp_dtype(config, device)
-    channels_last = config.teacher.channels_last
-    if channels_last == "on" or (channels_last == "auto" and device.type == "cuda"):
+    memory_format = config.teacher.memory_format
+    if memory_format == "channels_last" or (memory_format == "auto" and device.type == "cuda"):
         teacher = teacher.to(memory_format=torch.channels_last)
         teacher.channels_last = True
     if config.train.compile:
@@ -611,15 +611,16 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
     )
     final: dict = {}
     test: dict | None = None
+    loader = train_loader(  # its workers persist; each epoch iterates it anew
+        train_set,
+        sampler,
+        batch_size=batch_size,
+        workers=config.data.workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=config.data.prefetch_factor,
+    )
     while state.epoch < config.optim.epochs:
         sampler.set_epoch(state.epoch, start=state.step_in_epoch * batch_size)
-        loader = train_loader(
-            train_set,
-            sampler,
-            batch_size=batch_size,
-            workers=config.data.workers,
-            pin_memory=device.type == "cuda",
-        )
         train_means = trainer.train_one_epoch(loader, state)
         stopping = trainer.should_stop()
         if stopping and state.step_in_epoch < steps_per_epoch:

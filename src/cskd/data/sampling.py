@@ -146,12 +146,22 @@ def _worker_init(worker_id: int) -> None:
 
 
 def train_loader(
-    dataset: Dataset, sampler: EpochSampler, *, batch_size: int, workers: int, pin_memory: bool
+    dataset: Dataset,
+    sampler: EpochSampler,
+    *,
+    batch_size: int,
+    workers: int,
+    pin_memory: bool,
+    prefetch_factor: int = 2,
 ) -> DataLoader:
-    """A loader over the sampler's current epoch; make a new one after ``sampler.set_epoch``.
+    """A loader over the sampler's epochs: iterate it again after ``sampler.set_epoch`` (the
+    sampler is read in the main process at each new iteration). Its workers persist across
+    epochs (no start-up per epoch) and each keeps ``prefetch_factor`` batches ready; pinned
+    memory on a GPU. Samples are seeded one by one (:class:`SeededSamples`), so neither the
+    workers' own seeds nor their lifetime change a sample.
 
     The loader draws its worker seeds from its own generator, never from the global torch RNG,
-    so creating it (at an epoch start, or after a resume) leaves the training RNG untouched.
+    so creating it (at the start, or after a resume) leaves the training RNG untouched.
     """
     loader_slot = 2**32 - 1  # a position no sample reaches
     generator = torch.Generator().manual_seed(
@@ -165,7 +175,8 @@ def train_loader(
         pin_memory=pin_memory,
         drop_last=True,
         worker_init_fn=_worker_init,
-        persistent_workers=False,
+        persistent_workers=workers > 0,
+        prefetch_factor=prefetch_factor if workers > 0 else None,
         generator=generator,
     )
 
