@@ -15,6 +15,7 @@ import random
 import shutil
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -522,26 +523,14 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
 
     if info.is_main:  # warnings only once every check has passed (errors stay one line)
         preflight.check_machine(config, world_size=info.world_size)
-    source, checkpoint = distributed.together(resume_checkpoint, config, run_dir)
-    state = TrainState()
-    if checkpoint is not None:
-        state = restore(
-            checkpoint,
-            source=source,
-            config=config,
-            rank=info.rank,
-            models=(student, ema),
-            optimization=(optimizer, scheduler, scaler),
-            global_batch=global_batch,
-            steps_per_epoch=steps_per_epoch,
-        )
-    if info.is_main:  # drop what a killed run logged after its last checkpoint (all, if none)
-        truncate_after(run_dir / "metrics.jsonl", state.global_step, completed_epochs=state.epoch)
-
-    distributed.check_same(
-        state.global_step,
-        what="the step to resume from",
-        fix="every rank must read the same train.output_dir/last.pt (a filesystem all nodes share)",
+    state = resume_run(
+        config,
+        run_dir,
+        info,
+        models=(student, ema),
+        optimization=(optimizer, scheduler, scaler),
+        global_batch=global_batch,
+        steps_per_epoch=steps_per_epoch,
     )
     metrics_writer = MetricsWriter(run_dir, enabled=info.is_main, resume_step=state.global_step)
     if info.is_main:
@@ -609,8 +598,6 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
         if config.train.diagnostics and info.is_main
         else None,
     )
-    final: dict = {}
-    test: dict | None = None
     loader = train_loader(  # its workers persist; each epoch iterates it anew
         train_set,
         sampler,
@@ -619,41 +606,20 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
         pin_memory=device.type == "cuda",
         prefetch_factor=config.data.prefetch_factor,
     )
-    while state.epoch < config.optim.epochs:
-        sampler.set_epoch(state.epoch, start=state.step_in_epoch * batch_size)
-        train_means = trainer.train_one_epoch(loader, state)
-        stopping = trainer.should_stop()
-        if stopping and state.step_in_epoch < steps_per_epoch:
-            save("last.pt")
-            log.info(f"stop requested: saved {run_dir / 'last.pt'} at step {state.global_step}")
-            metrics_writer.close()
-            return final
-        evaluated = (state.epoch + 1) % config.train.eval_interval == 0 or (
-            state.epoch + 1 == config.optim.epochs
-        )
-        record = {"type": "epoch", "epoch": state.epoch, "step": state.global_step}
-        record["train"] = train_means
-        if evaluated:
-            record.update(evaluation.run(epoch=state.epoch))
-            final, test = record["eval"], record.get("test")
-            update_best(state.best, final, epoch=state.epoch)
-        metrics_writer.write(record)
-        log.info(
-            _summary(state.epoch, config.optim.epochs, train_means, final if evaluated else {})
-        )
-        state.epoch, state.step_in_epoch = state.epoch + 1, 0
-        if evaluated and _metric(final, config.train.best_rule) > state.best_metric:
-            state.best_metric = _metric(final, config.train.best_rule)
-            save("best.pt")
-        save("last.pt")
-        if stopping:
-            log.info(f"stop requested: saved {run_dir / 'last.pt'} after epoch {state.epoch}")
-            metrics_writer.close()
-            return final
-
-    if not final:  # resumed after the last epoch (killed while writing the outputs)
-        measured = evaluation.run(epoch=state.epoch - 1, with_diagnostics=False)
-        final, test = measured["eval"], measured.get("test")
+    final, test, finished = run_epochs(
+        config,
+        trainer=trainer,
+        evaluation=evaluation,
+        loader=loader,
+        sampler=sampler,
+        state=state,
+        save=save,
+        metrics_writer=metrics_writer,
+        run_dir=run_dir,
+    )
+    if not finished:  # stopped on request: last.pt holds the run
+        metrics_writer.close()
+        return final
     if info.is_main:
         write_final_outputs(
             run_dir,
@@ -667,6 +633,90 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
         )
     metrics_writer.close()
     return final
+
+
+def resume_run(
+    config: Config,
+    run_dir: Path,
+    info: distributed.DistributedInfo,
+    *,
+    models: tuple,
+    optimization: tuple,
+    global_batch: int,
+    steps_per_epoch: int,
+) -> TrainState:
+    """The state to train from: a fresh one, or the resumed run's (:func:`restore`); drops what a
+    killed run logged after its last checkpoint, and checks that every rank resumes alike."""
+    source, checkpoint = distributed.together(resume_checkpoint, config, run_dir)
+    state = TrainState()
+    if checkpoint is not None:
+        state = restore(
+            checkpoint,
+            source=source,
+            config=config,
+            rank=info.rank,
+            models=models,
+            optimization=optimization,
+            global_batch=global_batch,
+            steps_per_epoch=steps_per_epoch,
+        )
+    if info.is_main:  # drop what a killed run logged after its last checkpoint (all, if none)
+        truncate_after(run_dir / "metrics.jsonl", state.global_step, completed_epochs=state.epoch)
+    distributed.check_same(
+        state.global_step,
+        what="the step to resume from",
+        fix="every rank must read the same train.output_dir/last.pt (a filesystem all nodes share)",
+    )
+    return state
+
+
+def run_epochs(
+    config: Config,
+    *,
+    trainer: Trainer,
+    evaluation: EpochEvaluation,
+    loader,
+    sampler: EpochSampler,
+    state: TrainState,
+    save: Callable[[str], None],
+    metrics_writer: MetricsWriter,
+    run_dir: Path,
+) -> tuple[dict, dict | None, bool]:
+    """Train, evaluate and checkpoint epoch after epoch from ``state``; returns the last
+    evaluation (validation, test or None) and whether the run reached its end (False: it
+    stopped on request and ``last.pt`` holds it)."""
+    final: dict = {}
+    test: dict | None = None
+    epochs, steps_per_epoch = config.optim.epochs, trainer.steps_per_epoch
+    while state.epoch < epochs:
+        sampler.set_epoch(state.epoch, start=state.step_in_epoch * config.data.batch_size)
+        train_means = trainer.train_one_epoch(loader, state)
+        stopping = trainer.should_stop()
+        if stopping and state.step_in_epoch < steps_per_epoch:
+            save("last.pt")
+            log.info(f"stop requested: saved {run_dir / 'last.pt'} at step {state.global_step}")
+            return final, test, False
+        evaluated = (state.epoch + 1) % config.train.eval_interval == 0 or state.epoch + 1 == epochs
+        record = {"type": "epoch", "epoch": state.epoch, "step": state.global_step}
+        record["train"] = train_means
+        if evaluated:
+            record.update(evaluation.run(epoch=state.epoch))
+            final, test = record["eval"], record.get("test")
+            update_best(state.best, final, epoch=state.epoch)
+        metrics_writer.write(record)
+        log.info(_summary(state.epoch, epochs, train_means, final if evaluated else {}))
+        state.epoch, state.step_in_epoch = state.epoch + 1, 0
+        if evaluated and _metric(final, config.train.best_rule) > state.best_metric:
+            state.best_metric = _metric(final, config.train.best_rule)
+            save("best.pt")
+        save("last.pt")
+        if stopping:
+            log.info(f"stop requested: saved {run_dir / 'last.pt'} after epoch {state.epoch}")
+            return final, test, False
+    if not final:  # resumed after the last epoch (killed while writing the outputs)
+        measured = evaluation.run(epoch=state.epoch - 1, with_diagnostics=False)
+        final, test = measured["eval"], measured.get("test")
+    return final, test, True
 
 
 def restore(
