@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -233,6 +234,40 @@ def cache_build_cost(
     return rows
 
 
+def loading_rate(*, images: int, workdir: Path) -> dict:
+    """Images per second one loader worker prepares with the ImageNet recipe's training transform
+    (JPEG decode, RandomResizedCrop to 224, flip, RandAugment rand-m9-mstd0.5-inc1, ToTensor) on
+    real photos (matplotlib's sample photograph at ImageNet's typical 500 x 375 and others), and
+    the decode alone."""
+    import matplotlib
+    from PIL import Image
+
+    from cskd.data import ImageFolderDataset, TrainTransform
+
+    source = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    with Image.open(source) as photo:
+        photo = photo.convert("RGB")
+    folder = workdir / "photos" / "train" / "class_0"
+    folder.mkdir(parents=True)
+    sizes = [(500, 375), (375, 500), (500, 333), (640, 480), (512, 600)]
+    for number in range(images):
+        width, height = sizes[number % len(sizes)]
+        photo.resize((width, height)).rotate(3 * number).save(folder / f"{number}.jpg", quality=90)
+    dataset = ImageFolderDataset(
+        root=workdir / "photos", split="train", transform=TrainTransform(image_size=224)
+    )
+    start = time.perf_counter()
+    for index in range(len(dataset)):
+        dataset[index]
+    full = len(dataset) / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for path in dataset.paths:
+        with Image.open(path) as image:
+            image.convert("RGB")
+    decode = len(dataset) / (time.perf_counter() - start)
+    return {"images": images, "per_worker_images_per_s": full, "decode_images_per_s": decode}
+
+
 def stored_payload(cache: TeacherCache) -> int:
     """Bytes of the arrays themselves (without the .npy headers), over every shard."""
     return sum(array.nbytes for shard in cache.shards for array in shard.values())
@@ -257,6 +292,7 @@ def summarise(result: dict) -> dict:
 
 
 def report(results: list[dict], costs: list[dict], record: dict) -> str:
+    """The Markdown block: images/s per way, the ratios, the cache's build cost, loading."""
     lines = [
         f"- Command: `{record['command']}`",
         f"- Machine: {record['machine']}",
@@ -294,6 +330,22 @@ def report(results: list[dict], costs: list[dict], record: dict) -> str:
                 f"{row['payload_bytes_per_image']:,.0f} ({row['bytes_per_image']:,.0f}) | "
                 f"{row['imagenet_gb']:.1f} GB |"
             )
+    loading = record.get("loading")
+    if loading:
+        lines += [
+            "",
+            f"Data loading (one loader worker, {loading['images']} real photos, the ImageNet "
+            f"recipe's training transform at 224 px): **{loading['per_worker_images_per_s']:.0f} "
+            f"images/s per worker**, of which JPEG decoding alone runs at "
+            f"{loading['decode_images_per_s']:.0f} images/s. Workers needed to keep up:",
+            "",
+            "| pair | way | images/s | loader workers needed |",
+            "|---|---|---|---|",
+        ]
+        for result in results:
+            for way, row in summarise(result)["rows"].items():
+                needed = math.ceil(row["images_per_s"] / loading["per_worker_images_per_s"])
+                lines.append(f"| {result['pair']} | {way} | {row['images_per_s']:.0f} | {needed} |")
     return "\n".join(lines)
 
 
@@ -310,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--cache-images", type=int, default=32, help="0: skip the build cost")
+    parser.add_argument("--loading-images", type=int, default=64, help="0: skip data loading")
     parser.add_argument("--quick", action="store_true", help="tiny models, 2 repetitions")
     parser.add_argument("--results-dir", default="docs/results")
     parser.add_argument("--name", default="speed_path_cpu", help="JSON and report block name")
@@ -324,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         pairs, extra = ["fashion_mnist"], [*extra, *QUICK_OVERRIDES]
         arguments.repeats, arguments.warmup = 2, 1
         arguments.cache_images = min(arguments.cache_images, 16)
+        arguments.loading_images = min(arguments.loading_images, 8)
     batch_size = arguments.batch_size or (8 if device.type == "cpu" else 256)
     results, costs = [], []
     for name in pairs:
@@ -353,6 +407,10 @@ def main(argv: list[str] | None = None) -> int:
                     workdir=Path(workdir),
                 ):
                     costs.append({"pair": name, **row})
+    loading = None
+    if arguments.loading_images:
+        with tempfile.TemporaryDirectory() as workdir:
+            loading = loading_rate(images=arguments.loading_images, workdir=Path(workdir))
     command = "python benchmarks/speed_path.py " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )
@@ -363,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": arguments.steps,
         "results": results,
         "cache_build": costs,
+        "loading": loading,
     }
     results_dir = Path(arguments.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
