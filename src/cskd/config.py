@@ -60,7 +60,9 @@ class TeacherConfig:
     # the teacher's responses read from a cache (`cskd cache` builds it; docs/results/cache.md
     # says what it follows exactly): "" = the teacher runs in every training step
     cache: str = ""
-    cache_size: int = 0  # `cskd cache`: the whole image's size for the teacher (0 = image_size)
+    # `cskd cache`: the whole image's size for the teacher (0 = data.image_size: a teacher
+    # answers best at its training size; at twice it, docs/results/cache.md's agreement fell 3x)
+    cache_size: int = 0
     cache_topk: int = 0  # `cskd cache`: keep the k largest logits per cell (0 = every class)
     cache_dtype: str = "float16"  # `cskd cache`: float16 | float32 storage of the logits
     cache_shard_size: int = 1024  # `cskd cache`: images per shard file
