@@ -374,3 +374,40 @@ def test_two_ranks_build_the_same_cache_as_one(tiny_run, tmp_path):
     header_one = json.loads((one / "cache.json").read_text())
     header_two = json.loads((two / "cache.json").read_text())
     assert [r["files"] for r in header_one["shards"]] == [r["files"] for r in header_two["shards"]]
+
+
+def test_a_corrupt_photo_stops_the_build_in_one_line_and_the_rerun_completes(tmp_path, capsys):
+    from conftest import tiny_overrides
+    from photos import photo_folder
+
+    root = photo_folder(tmp_path / "photos", classes=2, train_per_class=6, val_per_class=2)
+    torch.manual_seed(0)
+    weights = tmp_path / "teacher.pth"
+    torch.save(timm.create_model("resnet18", num_classes=2, **TINY_TEACHER).state_dict(), weights)
+    cache = tmp_path / "cache"
+    run = tiny_overrides(
+        tmp_path / "run",
+        str(weights),
+        **{
+            "data.dataset": "folder",
+            "data.root": root,
+            "data.num_classes": 2,
+            "teacher.cache": cache,
+            "teacher.cache_shard_size": 4,
+            "data.eval_batch_size": 4,
+        },
+    )
+    broken = sorted((root / "train" / "class_1").iterdir())[-1]
+    good = broken.read_bytes()
+    broken.write_bytes(good[: len(good) // 3])  # a truncated file
+    assert main(["cache", *run]) == 2
+    line = error_line(capsys)
+    assert "corrupt or unreadable image" in line and broken.name in line
+    assert not (cache / "cache.json").exists()
+    assert (cache / "shard-00000.json").exists()  # the shards before it are kept
+    broken.write_bytes(good)
+    assert main(["cache", *run]) == 0
+    header = json.loads((cache / "cache.json").read_text())
+    assert header["images"] == 12 and len(header["shards"]) == 3
+    sizes = arrays(cache)["sizes"]
+    assert sizes.shape == (12, 2) and len({tuple(size) for size in sizes.tolist()}) > 1

@@ -550,3 +550,49 @@ def test_transfer_and_refit_recipes_train_two_steps_with_stand_ins(
     if size == 384:
         assert "resampled pos_embed from a 14x14 to a 24x24 patch grid" in log
     assert (tmp_path / "run" / "student.safetensors").is_file()
+
+
+def test_imagenet_recipe_trains_from_a_teacher_cache_on_real_photos_without_the_teacher(
+    tmp_path, tiny_teacher_224, photo_root, monkeypatch
+):
+    """`cskd cache` then training with teacher.cache at 224 px with the full augmentation: the
+    teacher never runs in a training step; every step's targets are 7 x 7 maps of the cache."""
+    from cskd.cached_teacher import CachedTeacher
+    from cskd.caching import build_cache
+
+    overrides = [*shrunken(tmp_path / "run", tiny_teacher_224, photo_root)]
+    overrides += [f"teacher.cache={tmp_path / 'cache'}", "teacher.cache_shard_size=16"]
+    build_cache(load_config(IMAGENET / "deit_small_cskd.yaml", overrides))
+    config = load_config(IMAGENET / "deit_small_cskd.yaml", overrides)
+    in_step, teacher_calls, cached_maps = [], [], []
+    distiller_forward, teacher_forward = Distiller.forward, DenseTeacher.forward
+    cached_forward = CachedTeacher.forward
+
+    def spy_distiller(self, *args, **kwargs):
+        in_step.append(True)
+        try:
+            return distiller_forward(self, *args, **kwargs)
+        finally:
+            in_step.pop()
+
+    def spy_teacher(self, images):
+        teacher_calls.append(bool(in_step))
+        return teacher_forward(self, images)
+
+    def spy_cached(self, **kwargs):
+        output = cached_forward(self, **kwargs)
+        cached_maps.append(tuple(output.dense_logits.shape))
+        return output
+
+    monkeypatch.setattr(Distiller, "forward", spy_distiller)
+    monkeypatch.setattr(DenseTeacher, "forward", spy_teacher)
+    monkeypatch.setattr(CachedTeacher, "forward", spy_cached)
+    train(config)
+    assert not any(teacher_calls), "the teacher ran inside a training step"
+    assert cached_maps == [(4, TINY_CLASSES, 7, 7)] * (STEPS_PER_EPOCH * EPOCHS)
+    steps = [
+        json.loads(line)
+        for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["type"] == "step"
+    ]
+    assert all(math.isfinite(record["cskd"]) and math.isfinite(record["token"]) for record in steps)
