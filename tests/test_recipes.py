@@ -369,6 +369,22 @@ def shrunken(output_dir: Path, teacher_checkpoint: str, photo_root: Path) -> lis
     ]
 
 
+def track_training_steps(monkeypatch) -> list:
+    """A list that is non-empty exactly while a training step's ``Distiller.forward`` runs."""
+    in_step: list = []
+    distiller_forward = Distiller.forward
+
+    def spy_distiller(self, *args, **kwargs):
+        in_step.append(True)
+        try:
+            return distiller_forward(self, *args, **kwargs)
+        finally:
+            in_step.pop()
+
+    monkeypatch.setattr(Distiller, "forward", spy_distiller)
+    return in_step
+
+
 @pytest.mark.parametrize("name", sorted(RUNS))
 def test_imagenet_recipe_trains_20_steps_on_real_photos_at_224_px(
     name, tmp_path, tiny_teacher_224, photo_root, monkeypatch
@@ -378,16 +394,9 @@ def test_imagenet_recipe_trains_20_steps_on_real_photos_at_224_px(
     assert (config.student.name, config.data.image_size) == (RUNS[name][0], 224)
     assert config.augment == load_config(IMAGENET / name).augment  # the full augmentation
 
-    teacher_maps, student_grids, in_step = [], [], []
+    teacher_maps, student_grids = [], []
     teacher_forward, student_forward = DenseTeacher.forward, DenseStudent.forward
-    distiller_forward = Distiller.forward
-
-    def spy_distiller(self, *args, **kwargs):  # only teacher calls of training steps count
-        in_step.append(True)
-        try:
-            return distiller_forward(self, *args, **kwargs)
-        finally:
-            in_step.pop()
+    in_step = track_training_steps(monkeypatch)  # only teacher calls of training steps count
 
     def spy_teacher(self, images):
         output = teacher_forward(self, images)
@@ -402,7 +411,6 @@ def test_imagenet_recipe_trains_20_steps_on_real_photos_at_224_px(
         student_grids.append((self._grid_for(images), kwargs.get("output_grid")))
         return output
 
-    monkeypatch.setattr(Distiller, "forward", spy_distiller)
     monkeypatch.setattr(DenseTeacher, "forward", spy_teacher)
     monkeypatch.setattr(DenseStudent, "forward", spy_student)
     final = train(config)
@@ -564,16 +572,9 @@ def test_imagenet_recipe_trains_from_a_teacher_cache_on_real_photos_without_the_
     overrides += [f"teacher.cache={tmp_path / 'cache'}", "teacher.cache_shard_size=16"]
     build_cache(load_config(IMAGENET / "deit_small_cskd.yaml", overrides))
     config = load_config(IMAGENET / "deit_small_cskd.yaml", overrides)
-    in_step, teacher_calls, cached_maps = [], [], []
-    distiller_forward, teacher_forward = Distiller.forward, DenseTeacher.forward
-    cached_forward = CachedTeacher.forward
-
-    def spy_distiller(self, *args, **kwargs):
-        in_step.append(True)
-        try:
-            return distiller_forward(self, *args, **kwargs)
-        finally:
-            in_step.pop()
+    teacher_calls, cached_maps = [], []
+    teacher_forward, cached_forward = DenseTeacher.forward, CachedTeacher.forward
+    in_step = track_training_steps(monkeypatch)
 
     def spy_teacher(self, images):
         teacher_calls.append(bool(in_step))
@@ -584,7 +585,6 @@ def test_imagenet_recipe_trains_from_a_teacher_cache_on_real_photos_without_the_
         cached_maps.append(tuple(output.dense_logits.shape))
         return output
 
-    monkeypatch.setattr(Distiller, "forward", spy_distiller)
     monkeypatch.setattr(DenseTeacher, "forward", spy_teacher)
     monkeypatch.setattr(CachedTeacher, "forward", spy_cached)
     train(config)

@@ -55,7 +55,7 @@ from cskd import checkpoint, cli, engine
 
 name, number, phase = (os.environ.get("KILL_AT") or "-:0:-").split(":")
 writes = 0
-atomic_write = checkpoint._atomic_write
+atomic_write = checkpoint.atomic_write
 
 
 def planned_atomic_write(path, write):
@@ -76,7 +76,7 @@ def planned_atomic_write(path, write):
     atomic_write(path, write)
 
 
-checkpoint._atomic_write = planned_atomic_write
+checkpoint.atomic_write = planned_atomic_write
 pause = float(os.environ.get("SLOW_STEP") or 0)
 step = engine.Trainer.step
 

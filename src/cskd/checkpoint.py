@@ -102,7 +102,9 @@ def content_digest(obj: Any) -> str:
     return f"{crc:08x}"
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write ``path`` through ``write(file)`` atomically: a temporary file beside it, fsync,
+    rename, fsync of the folder; a failure leaves the previous file (or none) in place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -164,7 +166,7 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
     if isinstance(obj, dict):
         obj = {**obj, DIGEST_KEY: content_digest(obj)}
     try:
-        _atomic_write(Path(path), lambda file: torch.save(obj, file))
+        atomic_write(Path(path), lambda file: torch.save(obj, file))
     except (OSError, RuntimeError) as error:
         if not _is_write_failure(error):
             raise
@@ -181,7 +183,7 @@ def save_safetensors_atomic(
     ``metadata`` (strings only) goes into the file's header."""
     tensors = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
     try:
-        _atomic_write(
+        atomic_write(
             Path(path), lambda file: file.write(safetensors_bytes(tensors, metadata=metadata))
         )
     except (OSError, RuntimeError) as error:

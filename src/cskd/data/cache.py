@@ -30,7 +30,6 @@ import copy
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..checkpoint import atomic_write
 from .sample import DataError, TransformResult, crop_tensor
 
 FORMAT = "cskd-teacher-cache"
@@ -130,19 +130,6 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_atomic(path: Path, write) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def shard_name(shard: int) -> str:
     return f"shard-{shard:05d}"
 
@@ -158,10 +145,10 @@ def write_shard(directory: Path, shard: int, arrays: dict[str, np.ndarray]) -> d
     files = {}
     for key, array in arrays.items():
         path = directory / f"{shard_name(shard)}-{key}.npy"
-        _write_atomic(path, lambda file, array=array: np.save(file, array, allow_pickle=False))
+        atomic_write(path, lambda file, array=array: np.save(file, array, allow_pickle=False))
         files[path.name] = file_sha256(path)
     record = {"shard": shard, "images": int(arrays["sizes"].shape[0]), "files": files}
-    _write_atomic(
+    atomic_write(
         directory / f"{shard_name(shard)}.json",
         lambda file: file.write(json.dumps(record, indent=1).encode()),
     )
@@ -186,7 +173,7 @@ def finished_shard(directory: Path, shard: int, *, images: int) -> dict | None:
 
 def write_header(directory: Path, header: dict) -> None:
     text = json.dumps({"format": FORMAT, "version": VERSION, **header}, indent=1)
-    _write_atomic(directory / HEADER, lambda file: file.write(text.encode()))
+    atomic_write(directory / HEADER, lambda file: file.write(text.encode()))
 
 
 def read_header(directory: str | os.PathLike) -> dict:
