@@ -411,3 +411,77 @@ def test_a_corrupt_photo_stops_the_build_in_one_line_and_the_rerun_completes(tmp
     assert header["images"] == 12 and len(header["shards"]) == 3
     sizes = arrays(cache)["sizes"]
     assert sizes.shape == (12, 2) and len({tuple(size) for size in sizes.tolist()}) > 1
+
+
+# ------------------------------------------------------------ found by the fresh-user review
+
+
+def test_a_cache_made_with_another_teacher_normalisation_is_refused(tiny_run, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    assert build(tiny_run, cache) == 0
+    capsys.readouterr()
+    run = cache_args(tiny_run, cache, **{"teacher.mean": "[0.5, 0.5, 0.5]"})
+    assert main(["train", *run]) == 2
+    assert "another teacher mean" in error_line(capsys)
+
+
+def test_a_damaged_header_is_rewritten_by_the_rerun(tiny_run, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    assert build(tiny_run, cache) == 0
+    header = (cache / "cache.json").read_text()
+    (cache / "cache.json").write_text(header[: len(header) // 2])
+    capsys.readouterr()
+    assert main(["train", *cache_args(tiny_run, cache)]) == 2
+    assert "is damaged" in error_line(capsys)
+    assert build(tiny_run, cache) == 0
+    assert json.loads((cache / "cache.json").read_text()) == json.loads(header)
+    assert main(["train", *cache_args(tiny_run, cache)]) == 0
+
+
+def test_a_started_cache_keeps_its_batch_and_a_finished_one_is_a_no_op(tiny_run, tmp_path):
+    cache = tmp_path / "cache"
+    assert build(tiny_run, cache, **{"data.eval_batch_size": 8}) == 0
+    reference = arrays(cache)
+    written = {path.name: path.stat().st_mtime_ns for path in cache.iterdir()}
+    assert build(tiny_run, cache, **{"data.eval_batch_size": 4}) == 0  # nothing to do
+    assert {path.name: path.stat().st_mtime_ns for path in cache.iterdir()} == written
+    for path in [cache / "cache.json", *cache.glob("shard-00001*")]:
+        path.unlink()
+    assert build(tiny_run, cache, **{"data.eval_batch_size": 4}) == 0  # completed at batch 8
+    for kind, values in arrays(cache).items():
+        assert np.array_equal(values, reference[kind]), kind
+
+
+def test_a_non_empty_directory_that_is_no_cache_is_refused(tiny_run, tmp_path, capsys):
+    directory = tmp_path / "run"
+    directory.mkdir()
+    (directory / "last.pt").write_bytes(b"a checkpoint")
+    assert build(tiny_run, directory) == 2
+    assert "non-empty directory that holds no cache" in error_line(capsys)
+    assert sorted(path.name for path in directory.iterdir()) == ["last.pt"]
+
+
+def test_the_rerun_removes_interrupted_writes_and_files_are_readable_by_others(tiny_run, tmp_path):
+    cache = tmp_path / "cache"
+    assert build(tiny_run, cache) == 0
+    (cache / ".shard-00002-logits.npy.abc123.tmp").write_bytes(b"half")
+    assert build(tiny_run, cache) == 0
+    assert not list(cache.glob(".*.tmp"))
+    mode = (cache / "shard-00000-logits.npy").stat().st_mode & 0o777
+    assert mode & 0o044, oct(mode)  # group/other may read it (under the usual umask 022)
+
+
+def test_a_topk_cache_refuses_soft_targets(tiny_run, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    assert build(tiny_run, cache, **{"teacher.cache_topk": 2}) == 0
+    capsys.readouterr()
+    for soft in ({"distill.cskd_kind": "soft"}, {"distill.token_kind": "soft"}):
+        assert main(["train", *cache_args(tiny_run, cache, **soft)]) == 2
+        line = error_line(capsys)
+        assert "top-2 logits" in line and "teacher.cache_topk=0" in line
+
+
+def test_an_unknown_compile_backend_is_one_line(tiny_run, capsys):
+    run = tiny_run(**{"train.compile": "true", "train.compile_backend": "nosuch"})
+    assert main(["train", *run]) == 2
+    assert "train.compile_backend='nosuch' is not a torch.compile backend" in error_line(capsys)

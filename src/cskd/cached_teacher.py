@@ -122,6 +122,8 @@ def run_expectations(config: Config, *, teacher: DenseTeacher, train_set) -> dic
         "data_digest": data_digest(train_set),
         "image_size": config.data.image_size,
         "num_classes": config.data.num_classes,
+        "teacher_mean": list(config.teacher.mean),
+        "teacher_std": list(config.teacher.std),
     }
 
 
@@ -142,6 +144,20 @@ def open_cached_teacher(
     path = Path(config.teacher.cache)
     expected = run_expectations(config, teacher=teacher, train_set=train_set)
     cache = open_cache(path, expected=expected)
+    soft = [
+        key
+        for key, kind in (
+            ("distill.cskd_kind", config.distill.cskd_kind),
+            ("distill.token_kind", config.distill.token_kind),
+        )
+        if kind == "soft" and (key == "distill.token_kind" or config.distill.method == "cskd")
+    ]
+    if cache.header["topk"] and soft:
+        raise ConfigError(
+            f"teacher cache {path} keeps only the top-{cache.header['topk']} logits per cell, "
+            f"which give hard targets but not the soft ones {soft[0]}=soft needs: build a cache "
+            "of every logit (teacher.cache_topk=0), or use hard targets"
+        )
     grid = teacher_grid(
         teacher, size=config.data.image_size, channels=config.data.in_chans, device=device
     )

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import distributed, preflight
 from .cached_teacher import run_expectations, teacher_grid
+from .checkpoint import atomic_write
 from .config import Config, ConfigError
 from .data import build_datasets
 from .data.cache import (
@@ -38,7 +39,7 @@ from .data.cache import (
 )
 from .engine import normalizer
 from .runlog import setup_logging
-from .train import build_teacher, teacher_amp_dtype
+from .train import build_teacher, place_teacher
 
 log = logging.getLogger("cskd")
 SETTINGS = "build.json"  # the header's settings, written before the first shard
@@ -64,8 +65,8 @@ def _build(config: Config, info: distributed.DistributedInfo) -> Path:
     preflight.check_models(config)
     distributed.together(preflight.check_data_source, config.data)
     train_set, _ = distributed.together(build_datasets, config.data, config.augment)
-    teacher = distributed.together(build_teacher, config, dense=True).to(info.device)
-    teacher.amp_dtype = teacher_amp_dtype(config, info.device)
+    teacher = distributed.together(build_teacher, config, dense=True)
+    teacher = place_teacher(config, teacher, info.device)  # precision, memory format, compile
     size = config.teacher.cache_size or config.data.image_size
     channels = config.data.in_chans
     topk = config.teacher.cache_topk
@@ -90,14 +91,17 @@ def _build(config: Config, info: distributed.DistributedInfo) -> Path:
         "batch": config.data.eval_batch_size or 2 * config.data.batch_size,
         "interpolation": config.augment.interpolation,
         "teacher_kwargs": config.teacher.kwargs,
-        "teacher_mean": list(config.teacher.mean),
-        "teacher_std": list(config.teacher.std),
         "teacher_precision": str(teacher.amp_dtype).removeprefix("torch."),
         "stored_per_image": "the teacher's dense logits of the whole image at cache_size px "
         "(no crop, flip or RandAugment), and the image's original height and width",
     }
     directory = Path(config.teacher.cache)
-    distributed.together(_claim_directory, directory, settings, is_main=info.is_main)
+    settings, complete = distributed.together(
+        _claim_directory, directory, settings, is_main=info.is_main
+    )
+    if complete:
+        log.info(f"cache {directory}: already complete, nothing to do")
+        return directory
 
     view = with_transform(
         train_set, FullImageTransform(size=size, interpolation=config.augment.interpolation)
@@ -135,24 +139,36 @@ def _write_shards(
         disable=not (info.is_main and sys.stderr.isatty()),
         file=sys.stderr,
     )
-    for shard in shards:
-        loader = DataLoader(
-            Subset(view, list(ranges[shard])),
-            batch_size=settings["batch"],
-            num_workers=config.data.workers,
-            pin_memory=info.device.type == "cuda",
-        )
-        logits, sizes = [], []
-        for batch in loader:
-            images = (batch["image"].to(info.device, non_blocking=True) - mean) / std
-            logits.append(teacher(images).dense_logits.float().cpu())  # (n, K, Hc, Wc)
-            sizes.append(batch["crop"][:, 2:].round().to(torch.int32))  # (n, 2) height, width
-            bar.update(len(images))
-        write_shard(directory, shard, _stored(torch.cat(logits), torch.cat(sizes), settings))
-        if bar.disable:
-            log.info(
-                f"cache {directory}: {shard_name(shard)} written ({len(ranges[shard])} images)"
-            )
+    # one loader for all of this rank's shards (workers start once); its batches never cross a
+    # shard and start at multiples of the recorded batch within each shard
+    batches = [
+        list(ranges[shard])[start : start + settings["batch"]]
+        for shard in shards
+        for start in range(0, len(ranges[shard]), settings["batch"])
+    ]
+    loader = DataLoader(
+        view,
+        batch_sampler=batches,
+        num_workers=config.data.workers,
+        pin_memory=info.device.type == "cuda",
+        prefetch_factor=config.data.prefetch_factor if config.data.workers else None,
+    )
+    pending = iter(shards)
+    shard = next(pending, None)
+    logits, sizes, done = [], [], 0
+    for batch in loader:
+        images = (batch["image"].to(info.device, non_blocking=True) - mean) / std
+        logits.append(teacher(images).dense_logits.float().cpu())  # (n, K, Hc, Wc)
+        sizes.append(batch["crop"][:, 2:].round().to(torch.int32))  # (n, 2) height, width
+        bar.update(len(images))
+        done += len(images)
+        if done == len(ranges[shard]):
+            write_shard(directory, shard, _stored(torch.cat(logits), torch.cat(sizes), settings))
+            if bar.disable:
+                log.info(
+                    f"cache {directory}: {shard_name(shard)} written ({len(ranges[shard])} images)"
+                )
+            shard, logits, sizes, done = next(pending, None), [], [], 0
     bar.close()
 
 
@@ -170,27 +186,68 @@ def _stored(logits: torch.Tensor, sizes: torch.Tensor, settings: dict) -> dict[s
     return arrays
 
 
-def _claim_directory(directory: Path, settings: dict, *, is_main: bool) -> None:
-    """Refuse a directory holding another cache (finished or not); record the settings."""
-    draft = directory / SETTINGS
-    for path in (directory / HEADER, draft):
-        if not path.is_file():
-            continue
-        try:
-            found = json.loads(path.read_text())
-        except ValueError:
-            found = {}
-        differing = [k for k, v in settings.items() if found.get(k) != v]
+# settings -> the config key that sets them, for the messages
+SETTING_KEYS = {
+    "cache_size": "teacher.cache_size",
+    "map_grid": "teacher.cache_size",
+    "topk": "teacher.cache_topk",
+    "dtype": "teacher.cache_dtype",
+    "shard_size": "teacher.cache_shard_size",
+    "interpolation": "augment.interpolation",
+    "teacher_kwargs": "teacher.kwargs",
+    "teacher_mean": "teacher.mean",
+    "teacher_std": "teacher.std",
+    "teacher_precision": "teacher.amp",
+    "train_grid": "data.image_size",
+    "images": "data.*",
+}
+
+
+def _claim_directory(directory: Path, settings: dict, *, is_main: bool) -> tuple[dict, bool]:
+    """Check ``directory`` for a build with ``settings`` and record them; returns the settings
+    to build with (a started cache keeps its teacher batch) and whether it is complete.
+
+    Refused in one line: a directory of a cache with other settings, and a non-empty directory
+    that is not a cache. A damaged header is rewritten from the recorded settings."""
+    draft, header = directory / SETTINGS, directory / HEADER
+    recorded = _read_json(draft) or _read_json(header)
+    if recorded is None and directory.is_dir() and any(directory.iterdir()):
+        raise CacheError(
+            f"teacher.cache={directory} is a non-empty directory that holds no cache: point "
+            "teacher.cache at a new or empty directory"
+        )
+    if recorded is not None:
+        settings = {**settings, "batch": recorded.get("batch", settings["batch"])}
+        differing = [k for k, v in settings.items() if recorded.get(k) != v]
         if differing:
+            keys = ", ".join(sorted({SETTING_KEYS.get(k, k) for k in differing}))
             raise CacheError(
-                f"teacher.cache={directory} holds a cache built with other settings "
-                f"({', '.join(differing[:4])} differ): choose another teacher.cache, or delete "
-                "the directory to rebuild it"
+                f"teacher.cache={directory} holds a cache built with other settings ({keys} "
+                "differ): choose another teacher.cache, or delete the directory to rebuild it"
             )
+    complete = _read_json(header) is not None and _complete(directory, settings)
     if is_main:
         directory.mkdir(parents=True, exist_ok=True)
-        if not draft.is_file():
-            draft.write_text(json.dumps(settings, indent=1))
+        for stale in directory.glob(".*.tmp"):  # writes a kill interrupted
+            stale.unlink(missing_ok=True)
+        if _read_json(draft) is None:
+            text = json.dumps(settings, indent=1).encode()
+            atomic_write(draft, lambda file: file.write(text))
+    return settings, complete
+
+
+def _read_json(path: Path) -> dict | None:
+    """The JSON object in ``path``, or None when it is missing or damaged."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _complete(directory: Path, settings: dict) -> bool:
+    ranges = shard_ranges(settings["images"], settings["shard_size"])
+    return all(finished_shard(directory, s, images=len(r)) for s, r in enumerate(ranges))
 
 
 def _finish(directory: Path, settings: dict, *, is_main: bool) -> None:

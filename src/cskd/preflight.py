@@ -87,12 +87,25 @@ def check_models(config: Config) -> None:
             config.teacher.kwargs,
             defaults={"num_classes": config.data.num_classes, "in_chans": config.data.in_chans},
         )
+    if config.train.compile:
+        check_compile_backend(config.train.compile_backend)
     is_vit = hasattr(student, "patch_embed") and hasattr(student, "num_prefix_tokens")
     if config.distill.method == "cskd" and student is not None and not is_vit:
         raise ConfigError(
             f"distill.method=cskd needs a ViT student (its patch tokens get the dense targets), "
             f"but student.name={config.student.name} is a {type(student).__name__}: use a timm "
             "ViT, or distill.method=deit (token/logit distillation) or none for a CNN"
+        )
+
+
+def check_compile_backend(backend: str) -> None:
+    """ConfigError naming ``train.compile_backend`` unless torch.compile knows ``backend``."""
+    from torch._dynamo import list_backends
+
+    if backend not in list_backends(exclude_tags=()):
+        raise ConfigError(
+            f"train.compile_backend={backend!r} is not a torch.compile backend: use one of "
+            f"{', '.join(list_backends())} (or eager, to trace without code generation)"
         )
 
 

@@ -281,7 +281,9 @@ def build_distiller(
     ).to(device)
 
 
-def place_teacher(config: Config, teacher: DenseTeacher, device: torch.device) -> DenseTeacher:
+def place_teacher(
+    config: Config, teacher: DenseTeacher, device: torch.device, *, compile: bool = True
+) -> DenseTeacher:
     """The teacher on ``device`` at its precision (``teacher.amp``), channels-last where it helps
     (``teacher.memory_format``: ``auto`` on a GPU, where convolutions under autocast prefer it)
     and compiled with the student (``train.compile``)."""
@@ -291,7 +293,7 @@ def place_teacher(config: Config, teacher: DenseTeacher, device: torch.device) -
     if memory_format == "channels_last" or (memory_format == "auto" and device.type == "cuda"):
         teacher = teacher.to(memory_format=torch.channels_last)
         teacher.channels_last = True
-    if config.train.compile:
+    if config.train.compile and compile:
         teacher.compile(backend=config.train.compile_backend)
     return teacher
 
@@ -478,7 +480,8 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
     student = distributed.together(build_student, config, initial_weights=fresh).to(device)
     teacher = distributed.together(build_teacher, config)
     if teacher is not None:
-        teacher = place_teacher(config, teacher, device)
+        # with a cache the teacher serves only the pre-flight and diagnostics: not compiled
+        teacher = place_teacher(config, teacher, device, compile=not config.teacher.cache)
     cached_teacher = None  # teacher.cache: the step reads the teacher's targets from disk
     if config.teacher.cache:
         cached_teacher = distributed.together(

@@ -53,6 +53,8 @@ MUST_MATCH = {  # the most specific first: a change of image size also changes s
     "image_size": "data.image_size",
     "num_classes": "data.num_classes",
     "teacher_weights_sha256": "teacher.checkpoint / teacher.pretrained_tag (the weights)",
+    "teacher_mean": "teacher.mean",
+    "teacher_std": "teacher.std",
     "data_digest": "data.* (the training images, subset and labels)",
 }
 
@@ -262,10 +264,11 @@ class TeacherCache:
         """Per shard touched: (shard, positions in ``indices``, rows in the shard)."""
         shard_size = int(self.header["shard_size"])
         indices = indices.cpu().numpy().astype(np.int64)
-        if indices.size and (indices.min() < 0 or indices.max() >= self.size):
+        outside = indices[(indices < 0) | (indices >= self.size)]
+        if outside.size:
             raise CacheError(
                 f"teacher cache {self.path} holds {self.size} images but index "
-                f"{int(indices.max())} was asked: it was made for another training set"
+                f"{int(outside[0])} was asked: it was made for another training set"
             )
         shards = indices // shard_size
         for shard in np.unique(shards):
