@@ -39,6 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
 
@@ -115,8 +116,9 @@ def timing_batch(config, batch_size: int, device: torch.device) -> dict:
     }
 
 
-def batch_cache(config, teacher: DenseTeacher, batch: dict, device) -> CachedTeacher:
-    """The teacher's maps of the batch's images, taken as the whole originals, in memory."""
+def batch_cache(config, teacher: DenseTeacher, batch: dict, device, workdir: Path) -> CachedTeacher:
+    """The teacher's maps of the batch's images, taken as the whole originals, written to
+    ``workdir`` as ``.npy`` files and memory-mapped, as a cache on disk is read in training."""
     mean, std = normalizer(config.teacher.mean, config.teacher.std, device)
     with torch.no_grad():
         output = teacher((batch["image"] - mean) / std)
@@ -125,10 +127,17 @@ def batch_cache(config, teacher: DenseTeacher, batch: dict, device) -> CachedTea
     cache = TeacherCache.from_arrays(
         output.dense_logits.float().half(), sizes, train_grid=output.dense_logits.shape[-2:]
     )
+    for shard in cache.shards:
+        for key, array in shard.items():
+            path = workdir / f"{key}.npy"
+            np.save(path, array)
+            shard[key] = np.load(path, mmap_mode="r")
     return CachedTeacher(cache, device=device)
 
 
-def measure(name: str, *, ways: list[str], batch_size: int, device, repeats, steps, warmup, extra):
+def measure(
+    name: str, *, ways: list[str], batch_size: int, device, repeats, steps, warmup, extra, workdir
+):
     pair = PAIRS[name]
     trainers, states = {}, {}
     seed_everything(0)
@@ -159,7 +168,7 @@ def measure(name: str, *, ways: list[str], batch_size: int, device, repeats, ste
         if config.train.amp == "fp16":
             trainer.scaler = torch.amp.GradScaler(device.type)
         if cached:
-            trainer.cached_teacher = batch_cache(config, teacher, batch, device)
+            trainer.cached_teacher = batch_cache(config, teacher, batch, device, workdir)
         trainers[way], states[way] = trainer, TrainState()
     for way in ways:
         for _ in range(warmup):
@@ -385,16 +394,18 @@ def main(argv: list[str] | None = None) -> int:
             f"[speed_path] {name}: batch {batch_size} on {device}, ways {arguments.ways}",
             flush=True,
         )
-        result = measure(
-            name,
-            ways=arguments.ways,
-            batch_size=batch_size,
-            device=device,
-            repeats=arguments.repeats,
-            steps=arguments.steps,
-            warmup=arguments.warmup,
-            extra=extra,
-        )
+        with tempfile.TemporaryDirectory() as workdir:  # the cached way's maps, on disk
+            result = measure(
+                name,
+                ways=arguments.ways,
+                batch_size=batch_size,
+                device=device,
+                repeats=arguments.repeats,
+                steps=arguments.steps,
+                warmup=arguments.warmup,
+                extra=extra,
+                workdir=Path(workdir),
+            )
         results.append(result)
         print(f"[speed_path] {name}: {summarise(result)['ratios']}", flush=True)
         if arguments.cache_images:
