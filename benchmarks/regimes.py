@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fashion_mnist import claim, read_results, write_results  # noqa: E402
 
 from cskd.config import load_config  # noqa: E402
+from cskd.data.cache import tensors_digest  # noqa: E402
 from cskd.runlog import cpu_model  # noqa: E402
 from cskd.train import train  # noqa: E402
 
@@ -205,15 +206,9 @@ def epoch_curve(run_dir: Path) -> list[dict]:
 def sha256(path: Path) -> str:
     """SHA-256 of a safetensors file's tensors (names, dtypes, shapes, bytes, in name order):
     the file's own bytes are not reproducible, since its header's metadata order is not."""
-    import hashlib
-
     from safetensors.torch import load_file
 
-    digest = hashlib.sha256()
-    for name, tensor in sorted(load_file(str(path)).items()):
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return tensors_digest(load_file(str(path)))
 
 
 def run_one(

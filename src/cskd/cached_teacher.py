@@ -73,10 +73,6 @@ class CachedTeacher(nn.Module):
         self.grid = tuple(cache.header["train_grid"])
         self.device = torch.device(device)
 
-    @property
-    def num_classes(self) -> int:
-        return self.cache.num_classes
-
     def train(self, mode: bool = True) -> CachedTeacher:
         return super().train(False)
 
