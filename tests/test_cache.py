@@ -100,6 +100,18 @@ def test_generation_does_not_depend_on_shards_workers_or_resumption(tiny_run, tm
         assert np.array_equal(values, reference[kind]), kind
 
 
+def test_a_build_killed_while_recording_its_settings_is_rerun(tiny_run, tmp_path):
+    """The directory then holds only the settings record's temporary file: that is a cache
+    being started, not "a non-empty directory that holds no cache". (It is also what a slower
+    rank used to see under torchrun once rank 0 had begun recording the settings.)"""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / ".build.json.k1ll3d.tmp").write_text('{"images": 3')
+    assert build(tiny_run, cache, **{"data.eval_batch_size": 8}) == 0
+    assert (cache / "cache.json").is_file()
+    assert not list(cache.glob(".*.tmp"))
+
+
 def test_topk_storage_keeps_each_cells_largest_logits(tiny_run, tmp_path):
     assert build(tiny_run, tmp_path / "full", **{"teacher.cache_dtype": "float32"}) == 0
     assert build(tiny_run, tmp_path / "top2", **{"teacher.cache_topk": 2}) == 0

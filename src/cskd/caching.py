@@ -96,9 +96,10 @@ def _build(config: Config, info: distributed.DistributedInfo) -> Path:
         "(no crop, flip or RandAugment), and the image's original height and width",
     }
     directory = Path(config.teacher.cache)
-    settings, complete = distributed.together(
-        _claim_directory, directory, settings, is_main=info.is_main
-    )
+    # every rank checks before rank 0 writes anything into the directory (its temporary file
+    # would otherwise make a slower rank see a non-empty directory that holds no cache)
+    settings, complete = distributed.together(_check_directory, directory, settings)
+    distributed.together(_claim_directory, directory, settings, is_main=info.is_main)
     if complete:
         log.info(f"cache {directory}: already complete, nothing to do")
         return directory
@@ -203,15 +204,17 @@ SETTING_KEYS = {
 }
 
 
-def _claim_directory(directory: Path, settings: dict, *, is_main: bool) -> tuple[dict, bool]:
-    """Check ``directory`` for a build with ``settings`` and record them; returns the settings
-    to build with (a started cache keeps its teacher batch) and whether it is complete.
+def _check_directory(directory: Path, settings: dict) -> tuple[dict, bool]:
+    """Check ``directory`` for a build with ``settings``; returns the settings to build with (a
+    started cache keeps its teacher batch) and whether it is complete. Writes nothing.
 
     Refused in one line: a directory of a cache with other settings, and a non-empty directory
     that is not a cache. A damaged header is rewritten from the recorded settings."""
     draft, header = directory / SETTINGS, directory / HEADER
     recorded = _read_json(draft) or _read_json(header)
-    if recorded is None and directory.is_dir() and any(directory.iterdir()):
+    # a killed write's temporaries do not make a directory a non-cache (they are removed)
+    kept = [p for p in directory.iterdir() if not _is_temporary(p)] if directory.is_dir() else []
+    if recorded is None and kept:
         raise CacheError(
             f"teacher.cache={directory} is a non-empty directory that holds no cache: point "
             "teacher.cache at a new or empty directory"
@@ -226,14 +229,25 @@ def _claim_directory(directory: Path, settings: dict, *, is_main: bool) -> tuple
                 "differ): choose another teacher.cache, or delete the directory to rebuild it"
             )
     complete = _read_json(header) is not None and _complete(directory, settings)
-    if is_main:
-        directory.mkdir(parents=True, exist_ok=True)
-        for stale in directory.glob(".*.tmp"):  # writes a kill interrupted
-            stale.unlink(missing_ok=True)
-        if _read_json(draft) is None:
-            text = json.dumps(settings, indent=1).encode()
-            atomic_write(draft, lambda file: file.write(text))
     return settings, complete
+
+
+def _claim_directory(directory: Path, settings: dict, *, is_main: bool) -> None:
+    """Rank 0: create ``directory``, remove a killed build's temporaries, record ``settings``."""
+    if not is_main:
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in filter(_is_temporary, directory.iterdir()):  # writes a kill interrupted
+        stale.unlink(missing_ok=True)
+    draft = directory / SETTINGS
+    if _read_json(draft) is None:
+        text = json.dumps(settings, indent=1).encode()
+        atomic_write(draft, lambda file: file.write(text))
+
+
+def _is_temporary(path: Path) -> bool:
+    """Whether ``path`` is an unfinished :func:`~cskd.checkpoint.atomic_write` temporary."""
+    return path.name.startswith(".") and path.name.endswith(".tmp")
 
 
 def _read_json(path: Path) -> dict | None:
