@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from . import distributed, preflight
 from .cached_teacher import run_expectations, teacher_grid
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, is_atomic_temporary
 from .config import Config, ConfigError
 from .data import build_datasets
 from .data.cache import (
@@ -213,7 +213,9 @@ def _check_directory(directory: Path, settings: dict) -> tuple[dict, bool]:
     draft, header = directory / SETTINGS, directory / HEADER
     recorded = _read_json(draft) or _read_json(header)
     # a killed write's temporaries do not make a directory a non-cache (they are removed)
-    kept = [p for p in directory.iterdir() if not _is_temporary(p)] if directory.is_dir() else []
+    kept = (
+        [p for p in directory.iterdir() if not is_atomic_temporary(p)] if directory.is_dir() else []
+    )
     if recorded is None and kept:
         raise CacheError(
             f"teacher.cache={directory} is a non-empty directory that holds no cache: point "
@@ -237,17 +239,12 @@ def _claim_directory(directory: Path, settings: dict, *, is_main: bool) -> None:
     if not is_main:
         return
     directory.mkdir(parents=True, exist_ok=True)
-    for stale in filter(_is_temporary, directory.iterdir()):  # writes a kill interrupted
+    for stale in filter(is_atomic_temporary, directory.iterdir()):  # writes a kill interrupted
         stale.unlink(missing_ok=True)
     draft = directory / SETTINGS
     if _read_json(draft) is None:
         text = json.dumps(settings, indent=1).encode()
         atomic_write(draft, lambda file: file.write(text))
-
-
-def _is_temporary(path: Path) -> bool:
-    """Whether ``path`` is an unfinished :func:`~cskd.checkpoint.atomic_write` temporary."""
-    return path.name.startswith(".") and path.name.endswith(".tmp")
 
 
 def _read_json(path: Path) -> dict | None:

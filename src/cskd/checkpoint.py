@@ -124,6 +124,12 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         raise
 
 
+def is_atomic_temporary(path: Path) -> bool:
+    """Whether ``path`` is the temporary file of an :func:`atomic_write` (finished or not, it
+    is never the file written: a kill between the write and the rename leaves it behind)."""
+    return path.name.startswith(".") and path.name.endswith(".tmp")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
