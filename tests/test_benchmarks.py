@@ -148,6 +148,43 @@ def test_regimes_quick_trains_every_method_and_reports_paired_differences(
     assert "previous_weights_sha256" not in again
 
 
+def test_recipe_regime_shares_the_long_teacher_and_chooses_epochs_on_validation(
+    tmp_path, one_thread
+):
+    script = load_script("regimes")
+    arguments = ["--regime", "recipe", "--quick", "--output-dir", str(tmp_path / "runs")]
+    arguments += ["--results-dir", str(tmp_path)]
+    assert script.main([*arguments, *one_thread]) == 0
+    runs = json.loads((tmp_path / "regime_recipe_quick.json").read_text())["runs"]
+    # the teacher is the long regime's run, trained once in its home and recorded in both
+    assert (tmp_path / "runs" / "long_quick" / "teacher" / "student.safetensors").is_file()
+    assert not (tmp_path / "runs" / "recipe_quick" / "teacher").exists()
+    long_teacher = json.loads((tmp_path / "regime_long_quick.json").read_text())["runs"]["teacher"]
+    assert runs["teacher"]["weights_sha256"] == long_teacher["weights_sha256"]
+    # every student trains under DeiT's augmentation
+    for key in ("pilot-e1-deit-seed0", "pilot-e2-deit-seed0", "cskd-linear-seed0", "none-seed0"):
+        assert set(script.DEIT_AUGMENTATION) <= set(runs[key]["overrides"]), key
+    # the pilot with the higher validation top-1 (ties: the shorter) becomes deit seed 0
+    chosen = script.chosen_epochs({"runs": runs}, (1, 2))
+    scores = {e: runs[f"pilot-e{e}-deit-seed0"]["val"]["cls+dist"]["top1"] for e in (1, 2)}
+    assert chosen == (2 if scores[2] > scores[1] else 1)
+    assert (
+        runs["deit-seed0"]["weights_sha256"]
+        == runs[f"pilot-e{chosen}-deit-seed0"]["weights_sha256"]
+    )
+    assert f"optim.epochs={chosen}" in runs["cskd-linear-seed0"]["overrides"]
+    page = (tmp_path / "regime_recipe_quick.md").read_text()
+    assert f"-> **{chosen} epochs**" in page
+    fake = {
+        "runs": {
+            f"pilot-e{e}-deit-seed0": {"val": {"cls+dist": {"top1": v}}}
+            for e, v in ((30, 80.0), (60, 81.0))
+        }
+    }
+    assert script.chosen_epochs(fake, (30, 60)) == 60
+    assert script.chosen_epochs({"runs": {}}, (30, 60)) is None
+
+
 def test_epoch_time_runs_old_and_new_seeding_side_by_side(tmp_path, one_thread):
 
     script = load_script("epoch_time")
