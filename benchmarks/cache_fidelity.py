@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_model  # noqa: E402
 from fashion_mnist import read_results, write_results  # noqa: E402
 from regimes import (  # noqa: E402
     METHODS,
@@ -46,16 +47,15 @@ from regimes import (  # noqa: E402
     run_one,
 )
 
-from cskd.cached_teacher import CachedTeacher, mix_with_partner_weights  # noqa: E402
-from cskd.caching import build_cache  # noqa: E402
-from cskd.config import load_config  # noqa: E402
-from cskd.data import build_datasets  # noqa: E402
-from cskd.data.cache import open_cache  # noqa: E402
-from cskd.data.sampling import EpochSampler, train_loader  # noqa: E402
-from cskd.engine import normalizer  # noqa: E402
-from cskd.losses import fused_target  # noqa: E402
-from cskd.runlog import cpu_model  # noqa: E402
-from cskd.train import build_batch_augmentation, build_teacher, seed_everything  # noqa: E402
+from cskd.commands.cache import build_cache
+from cskd.config import load_config
+from cskd.data import build_datasets
+from cskd.data.sampling import EpochSampler, train_loader
+from cskd.method.distiller import normalizer
+from cskd.method.losses import fused_target
+from cskd.teacher.cached import CachedTeacher, mix_with_partner_weights
+from cskd.teacher.store import open_cache
+from cskd.training.build import build_batch_augmentation, build_teacher, seed_everything
 
 CACHES = {  # label -> (teacher.cache_size, teacher.cache_topk)
     "32 px": (32, 0),
@@ -86,11 +86,10 @@ def agreement(config, cache_path: Path, *, batches: int) -> dict:
     seed_everything(config.train.seed)
     device = torch.device("cpu")
     train_set, _ = build_datasets(config.data, config.augment)
-    teacher = build_teacher(config, dense=True)
+    teacher = build_teacher(config, method="cskd")
     cached = CachedTeacher(open_cache(cache_path))
     erasing, mixup = build_batch_augmentation(config, device)
     student_mean, student_std = normalizer(config.data.mean, config.data.std, device)
-    teacher_mean, teacher_std = normalizer(config.teacher.mean, config.teacher.std, device)
     sampler = EpochSampler(train_set, seed=config.train.seed, rank=0, world_size=1)
     sampler.set_epoch(0)
     loader = train_loader(
@@ -106,7 +105,7 @@ def agreement(config, cache_path: Path, *, batches: int) -> dict:
         if mixup is not None:
             images, _, partner = mix_with_partner_weights(mixup, images, batch["target"])
         pixels = images * student_std + student_mean  # the batch as the teacher sees it
-        online = teacher((pixels - teacher_mean) / teacher_std)
+        online = teacher(teacher.normalize(pixels))
         offline = cached(
             index=batch["index"], crop=batch["crop"], flip=batch["flip"], partner=partner
         )

@@ -29,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import cpu_model
 
 from cskd.config import load_config
 from cskd.data import sampling
-from cskd.runlog import cpu_model
-from cskd.train import train
+from cskd.training.run import train
 
 ROOT = Path(__file__).resolve().parent.parent
 

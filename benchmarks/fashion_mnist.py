@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from common import cpu_model
 
 from cskd.config import load_config
-from cskd.runlog import cpu_model
-from cskd.train import train
+from cskd.training.run import train
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "configs" / "fashion_mnist"

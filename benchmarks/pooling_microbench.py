@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from cskd.align import align_to_grid
+from cskd.method.align import align_to_grid
 
 N, H, W, C, TH, TW, K = 128, 8, 8, 64, 4, 4, 10
 

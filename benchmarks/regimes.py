@@ -50,12 +50,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_model  # noqa: E402
 from fashion_mnist import claim, read_results, write_results  # noqa: E402
 
-from cskd.config import load_config  # noqa: E402
-from cskd.data.cache import tensors_digest  # noqa: E402
-from cskd.runlog import cpu_model  # noqa: E402
-from cskd.train import train  # noqa: E402
+from cskd.config import load_config
+from cskd.teacher.store import tensors_digest
+from cskd.training.run import train
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "configs" / "fashion_mnist"

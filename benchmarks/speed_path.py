@@ -2,7 +2,7 @@
 GPU) the release's way of running a step against this library's.
 
 For one student/teacher pair, one CSKD trainer per *way* is built through the real code
-(``cskd.train`` builders and ``place_teacher``, ``Trainer.step``) from the same initial student
+(``cskd.training.run`` builders and ``place_teacher``, ``Trainer.step``) from the same initial student
 weights and the same frozen teacher, on one fixed synthetic batch with random crop boxes and
 flips. The ways are timed interleaved (each repetition runs every way once), so a slow phase of
 a shared machine hits them all alike; reported are the median images/s (min-max) and the median
@@ -44,6 +44,7 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import memory_cache
 from throughput import (  # noqa: E402
     PAIRS,
     QUICK_OVERRIDES,
@@ -55,13 +56,13 @@ from throughput import (  # noqa: E402
     write_report,
 )
 
-from cskd.cached_teacher import CachedTeacher  # noqa: E402
-from cskd.caching import build_cache  # noqa: E402
-from cskd.config import load_config  # noqa: E402
-from cskd.data.cache import TeacherCache, open_cache  # noqa: E402
-from cskd.engine import TrainState, normalizer  # noqa: E402
-from cskd.models import DenseTeacher  # noqa: E402
-from cskd.train import build_student, place_teacher, seed_everything  # noqa: E402
+from cskd.commands.cache import build_cache
+from cskd.config import load_config
+from cskd.method.adapters import DenseTeacher
+from cskd.teacher.cached import CachedTeacher
+from cskd.teacher.store import TeacherCache, open_cache
+from cskd.training.build import build_student, place_teacher, seed_everything
+from cskd.training.state import TrainState
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -119,12 +120,11 @@ def timing_batch(config, batch_size: int, device: torch.device) -> dict:
 def batch_cache(config, teacher: DenseTeacher, batch: dict, device, workdir: Path) -> CachedTeacher:
     """The teacher's maps of the batch's images, taken as the whole originals, written to
     ``workdir`` as ``.npy`` files and memory-mapped, as a cache on disk is read in training."""
-    mean, std = normalizer(config.teacher.mean, config.teacher.std, device)
     with torch.no_grad():
-        output = teacher((batch["image"] - mean) / std)
+        output = teacher(teacher.normalize(batch["image"]))
     size = config.data.image_size
     sizes = torch.full((len(batch["image"]), 2), size)
-    cache = TeacherCache.from_arrays(
+    cache = memory_cache(
         output.dense_logits.float().half(), sizes, train_grid=output.dense_logits.shape[-2:]
     )
     for shard in cache.shards:
@@ -152,7 +152,9 @@ def measure(
             in_chans=base.data.in_chans,
             **base.teacher.kwargs,
         )
-        return DenseTeacher(model, name=base.teacher.name)
+        return DenseTeacher(
+            model, name=base.teacher.name, mean=base.teacher.mean, std=base.teacher.std
+        )
 
     teacher_state = new_teacher().model.state_dict()  # one set of weights for every way
     batch = timing_batch(base, batch_size, device)

@@ -21,8 +21,7 @@ import torch
 from cskd.config import load_config
 from cskd.data import build_datasets
 from cskd.data.sampling import eval_loader
-from cskd.engine import normalizer
-from cskd.models import load_teacher
+from cskd.training.build import load_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,17 +35,18 @@ def teacher_map_statistics(checkpoint: str, *, max_images: int = 0) -> dict:
         config.teacher.name,
         checkpoint,
         num_classes=config.data.num_classes,
+        mean=config.teacher.mean,
+        std=config.teacher.std,
         **{"in_chans": config.data.in_chans, **config.teacher.kwargs},
     )
     _, test_set = build_datasets(config.data, config.augment)
     loader = eval_loader(
         test_set, batch_size=500, workers=0, rank=0, world_size=1, pin_memory=False
     )
-    mean, std = normalizer(config.teacher.mean, config.teacher.std, torch.device("cpu"))
     totals: dict[str, torch.Tensor | float] = {}
     count = 0
     for batch in loader:
-        images = (batch["image"] - mean) / std
+        images = teacher.normalize(batch["image"])
         targets = batch["target"]  # (N,)
         output = teacher(images)
         dense, global_logits = output.dense_logits, output.global_logits  # (N, K, H, W), (N, K)

@@ -5,7 +5,7 @@ the dense one at every location (P_local, the CSKD target at a(t) = 1) and the f
 (a P_local + (1 - a) P_global at a = 0.5). A lower-precision teacher changes some of them. This
 script runs the Fashion-MNIST teacher over the test images (evaluation transform) and over
 augmented training batches (the recipe's training transform) at each precision, through
-``cskd.models.DenseTeacher`` as training runs it, and reports the fraction of targets that
+``cskd.method.adapters.DenseTeacher`` as training runs it, and reports the fraction of targets that
 differ from fp32, and the teacher's forward time per image (CPU, so only a relative cost).
 
     cskd train --config configs/fashion_mnist/teacher.yaml      # the teacher, about 2 min
@@ -23,13 +23,12 @@ import time
 from pathlib import Path
 
 import torch
+from common import cpu_model
 
 from cskd.config import load_config
 from cskd.data import build_datasets
 from cskd.data.sampling import eval_loader
-from cskd.engine import normalizer
-from cskd.models import load_teacher
-from cskd.runlog import cpu_model
+from cskd.training.build import load_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
 PRECISIONS = {  # name -> (autocast dtype, classifier in fp32)
@@ -54,6 +53,17 @@ def hard_targets(dense: torch.Tensor, global_logits: torch.Tensor) -> dict[str, 
 
 
 @torch.no_grad()
+def teacher_output(teacher, images: torch.Tensor, *, fp32_head: bool):
+    """The teacher's output at ``teacher.amp_dtype``; with ``fp32_head`` only the features are
+    computed at that precision and the classifier (dense and global) in fp32."""
+    if not fp32_head:
+        return teacher(images)
+    with torch.autocast(images.device.type, dtype=teacher.amp_dtype):
+        features = teacher.model.forward_features(images)
+    return teacher.heads(features.float())
+
+
+@torch.no_grad()
 def measure(checkpoint: str, *, max_batches: int, batch_size: int) -> dict:
     config = load_config(
         ROOT / "configs/fashion_mnist/cskd.yaml", [f"teacher.checkpoint={checkpoint}"]
@@ -62,10 +72,11 @@ def measure(checkpoint: str, *, max_batches: int, batch_size: int) -> dict:
         config.teacher.name,
         checkpoint,
         num_classes=config.data.num_classes,
+        mean=config.teacher.mean,
+        std=config.teacher.std,
         **{"in_chans": config.data.in_chans, **config.teacher.kwargs},
     )
     train_set, test_set = build_datasets(config.data, config.augment)
-    mean, std = normalizer(config.teacher.mean, config.teacher.std, torch.device("cpu"))
     results = {}
     for split, dataset in (("test (eval transform)", test_set), ("train (augmented)", train_set)):
         torch.manual_seed(0)  # the same augmented batches for every precision
@@ -76,15 +87,15 @@ def measure(checkpoint: str, *, max_batches: int, batch_size: int) -> dict:
         reference = None
         split_results = {}
         for name, (dtype, fp32_head) in PRECISIONS.items():
-            teacher.amp_dtype, teacher.fp32_head = dtype, fp32_head
+            teacher.amp_dtype = dtype
             flips = {key: 0 for key in TARGETS}
             counts = {key: 0 for key in TARGETS}
             seconds, images = 0.0, 0
             outputs = []
             for batch in batches:
-                x = (batch["image"] - mean) / std
+                x = teacher.normalize(batch["image"])
                 start = time.perf_counter()
-                output = teacher(x)
+                output = teacher_output(teacher, x, fp32_head=fp32_head)
                 seconds += time.perf_counter() - start
                 images += x.shape[0]
                 outputs.append(hard_targets(output.dense_logits, output.global_logits))

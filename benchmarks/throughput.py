@@ -1,7 +1,7 @@
 """Training throughput of the student alone, DeiT distillation and CSKD, side by side.
 
 For each student/teacher pair, three trainers are built from the same config through the real code
-(``cskd.train`` builders, :class:`cskd.engine.Distiller`, :meth:`cskd.engine.Trainer.step`), with
+(``cskd.training.run`` builders, :class:`cskd.method.distiller.Distiller`, :meth:`cskd.training.engine.Trainer.step`), with
 the same initial student weights, the same frozen teacher and the same synthetic batch. The timed
 blocks are interleaved (rep 1: none, deit, cskd, teacher forward; rep 2: ...), so slow phases of a
 shared machine hit every method alike; the report gives the median images/s over repetitions, the
@@ -27,14 +27,14 @@ from pathlib import Path
 
 import timm
 import torch
+from common import cpu_model
 
-from cskd.align import align_to_grid
 from cskd.config import Config, load_config
-from cskd.engine import Trainer, TrainState, normalizer
-from cskd.losses import cskd_loss
-from cskd.models import DenseTeacher
-from cskd.runlog import cpu_model
-from cskd.train import (
+from cskd.method.adapters import DenseTeacher
+from cskd.method.align import align_to_grid
+from cskd.method.distiller import normalizer
+from cskd.method.losses import cskd_loss
+from cskd.training.build import (
     amp_dtype,
     build_batch_augmentation,
     build_distiller,
@@ -43,6 +43,8 @@ from cskd.train import (
     scaled_lr,
     seed_everything,
 )
+from cskd.training.engine import Trainer
+from cskd.training.state import TrainState
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("none", "deit", "cskd")
@@ -109,13 +111,16 @@ def build_teacher_model(config: Config, device: torch.device) -> DenseTeacher:
         in_chans=config.data.in_chans,
         **config.teacher.kwargs,
     )
-    return DenseTeacher(model, name=config.teacher.name).to(device)
+    teacher = DenseTeacher(
+        model, name=config.teacher.name, mean=config.teacher.mean, std=config.teacher.std
+    )
+    return teacher.to(device)
 
 
 def build_trainer(
     config: Config, method: str, student: torch.nn.Module, teacher: DenseTeacher | None, device
 ) -> tuple[Trainer, torch.nn.Module]:
-    """A Trainer exactly as :func:`cskd.train.train` assembles it (no EMA, no logging)."""
+    """A Trainer exactly as :func:`cskd.training.run.train` assembles it (no EMA, no logging)."""
     student = copy.deepcopy(student)
     lr = scaled_lr(config, config.data.batch_size)
     optimizer, scheduler = build_optimization(config, student, lr=lr, steps_per_epoch=10_000)
@@ -142,6 +147,12 @@ def build_trainer(
         student_norm=student_norm,
     )
     return trainer, distiller
+
+
+def teacher_input(distiller, images: torch.Tensor) -> torch.Tensor:
+    """The student's batch renormalised for the teacher, as the distiller does."""
+    mean, std = distiller.student_mean, distiller.student_std
+    return distiller.teacher.renormalize(images, mean=mean, std=std)
 
 
 def synchronize(device: torch.device) -> None:
@@ -192,7 +203,7 @@ def measure_pair(
         with torch.no_grad(), teacher_trainer.autocast():
             for _ in range(count):
                 images, _, _ = teacher_trainer.prepare(batch)
-                distiller.teacher(images * distiller.teacher_scale + distiller.teacher_shift)
+                distiller.teacher(teacher_input(distiller, images))
 
     branch = cskd_branch(trainers["cskd"], batch)
     for method in METHODS:
@@ -287,7 +298,7 @@ def cskd_branch(trainer: Trainer, batch: dict):
     weights = distiller.weights
     with torch.no_grad(), trainer.autocast():
         images, _, _ = trainer.prepare(batch)
-        teacher = distiller.teacher(images * distiller.teacher_scale + distiller.teacher_shift)
+        teacher = distiller.teacher(teacher_input(distiller, images))
         tokens = student.model.forward_features(images)  # (N, P + M, D)
     teacher_grid = tuple(teacher.dense_logits.shape[-2:])
     tokens = tokens.detach().requires_grad_(True)

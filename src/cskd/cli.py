@@ -1,4 +1,4 @@
-"""The ``cskd`` command: a thin table onto :mod:`cskd.train` and :mod:`cskd.demo`.
+"""The ``cskd`` command: a thin table onto the API: :mod:`cskd.training.run` and :mod:`cskd.commands`.
 
 Errors a user can fix (bad config, missing data, unreadable checkpoint, impossible grid) are
 printed as one line on stderr with exit status 2; anything else keeps its traceback. Under
@@ -12,13 +12,16 @@ import json
 import os
 import sys
 
-from .align import GridError
-from .checkpoint import CheckpointError
-from .config import ConfigError, describe, dump_config, load_config
+from .config import describe, dump_config, load_config
 from .data import DataError
-from .distributed import DistributedError
-from .engine import NonFiniteLossError
-from .models import TeacherError
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DistributedError,
+    GridError,
+    NonFiniteLossError,
+    TeacherError,
+)
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TeacherError, GridError, NonFiniteLossError)
 USER_ERRORS += (DistributedError,)
@@ -73,30 +76,30 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "train":
-            from .train import train
+            from .training.run import train
 
             train(load_config(args.config, args.overrides))
         elif args.command == "cache":
-            from .caching import build_cache
+            from .commands.cache import build_cache
 
             directory = build_cache(load_config(args.config, args.overrides))
             if _rank() == 0:
                 print(directory)
         elif args.command == "eval":
-            from .train import evaluate_checkpoint
+            from .commands.eval import evaluate_checkpoint
 
             config = load_config(args.config, args.overrides) if args.config else args.overrides
             metrics = evaluate_checkpoint(config, args.checkpoint)
             if _rank() == 0:
                 print(json.dumps(metrics, indent=2))
         elif args.command == "config":
-            from .preflight import check_models
+            from .training.preflight import check_models
 
             config = load_config(args.config, args.overrides)
             check_models(config)  # model names and kwargs, as train checks them
             print(dump_config(config), end="")
         elif args.command == "diagnose":
-            from .diagnose import diagnose_run
+            from .commands.diagnose import diagnose_run
 
             result = diagnose_run(
                 args.run_dir,
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(json.dumps(result["final"], indent=2))
         elif args.command == "demo":
-            from .demo import run_demo
+            from .commands.demo import run_demo
 
             run_demo(output_dir=args.output_dir, quick=args.quick)
     except USER_ERRORS as error:

@@ -28,6 +28,7 @@ Modules: ``sample`` (the sample dict and :class:`DataError`), ``transforms``, ``
 
 from __future__ import annotations
 
+from ..errors import DataError
 from .build import (
     SubsetDataset,
     build_datasets,
@@ -44,7 +45,7 @@ from .fashion_mnist import (
     read_idx,
 )
 from .folder import ImageFolderDataset, check_class_folders, verify_images
-from .sample import DataError, make_sample
+from .sample import make_sample
 from .synthetic import SyntheticImages
 from .transforms import EvalTransform, TrainTransform, posterize, rand_augment
 

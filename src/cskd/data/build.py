@@ -9,9 +9,10 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import DataError
 from .fashion_mnist import FASHION_MNIST_ROOT, FashionMNIST, TranslatedFashionMNIST
 from .folder import ImageFolderDataset, check_class_folders
-from .sample import DataError, Transform, check_indices
+from .sample import Transform, check_indices
 from .synthetic import SyntheticImages
 from .transforms import EvalTransform, TrainTransform
 

@@ -17,7 +17,8 @@ import torchvision
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .sample import DataError, Transform, check_indices, make_sample
+from ..errors import DataError
+from .sample import Transform, check_indices, make_sample
 
 _IDX_UINT8 = 0x08
 

@@ -12,7 +12,8 @@ import torchvision
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .sample import DataError, Transform, make_sample
+from ..errors import DataError
+from .sample import Transform, make_sample
 
 _IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 

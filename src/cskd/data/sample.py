@@ -9,10 +9,7 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-
-class DataError(ValueError):
-    """A dataset or transform cannot be built or read; the message names the path and the fix."""
-
+from ..errors import DataError
 
 TransformResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 Transform = Callable[[Image.Image], TransformResult]

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .sample import DataError, Transform, make_sample
+from ..errors import DataError
+from .sample import Transform, make_sample
 
 _PATTERN_SEED = 20_230_101
 _PATTERN_GRID = 4

@@ -12,7 +12,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
-from .sample import DataError, TransformResult, crop_tensor
+from ..errors import DataError
+from .sample import TransformResult, crop_tensor
 
 
 def _interpolation_mode(name: str) -> InterpolationMode:

@@ -1,0 +1,1 @@
+"""One file per command beside train: eval, cache, diagnose, demo."""

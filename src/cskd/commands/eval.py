@@ -1,0 +1,144 @@
+"""``cskd eval``: the metrics of saved weights (a checkpoint, a run directory or an exported
+student) under every inference rule.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from timm.utils import ModelEmaV3
+
+from ..config import Config, apply_overrides, from_dict
+from ..data import build_eval_set
+from ..data.sampling import eval_loader
+from ..errors import CheckpointError
+from ..infra import distributed
+from ..infra.runlog import setup_logging
+from ..infra.weights import load_adapted, read_export_metadata, read_state_dict, resolve_source
+from ..method.adapters import rules_for
+from ..method.distiller import normalizer
+from ..training import preflight
+from ..training.build import amp_dtype, build_student
+from ..training.evaluation import evaluate_with_ema
+from ..training.state import read_checkpoint
+
+log = logging.getLogger("cskd")
+
+# A saved run is evaluated under every rule; its rules resolve from its method, so that runs
+# saved before `auto` (e.g. deit with cls+dist+patch) still load.
+RULES_FOR_SAVED = ["student.inference_rule=auto", "train.best_rule=auto"]
+
+
+def read_saved(checkpoint_path: str | Path) -> tuple[Path, dict, dict, dict | None]:
+    """The file to evaluate (a run directory means its ``last.pt``, else its exported student),
+    its config (a dict), its weights ``{"student", "ema" (or None)}`` and, for an exported
+    student, its metadata. :class:`~cskd.errors.CheckpointError` for a ``.safetensors`` file
+    that cskd did not write."""
+    path = Path(checkpoint_path)
+    if path.is_dir():
+        path = path / "last.pt" if (path / "last.pt").is_file() else resolve_source(path)
+    exported = read_export_metadata(path) if path.suffix == ".safetensors" else None
+    if exported is not None:
+        state, _ = read_state_dict(path)
+        return path, config_of_export(exported), {"student": state, "ema": None}, exported
+    if path.suffix == ".safetensors":
+        raise CheckpointError(
+            f"{path} carries no cskd export metadata: evaluate a training checkpoint (last.pt) "
+            "or a student.safetensors written by cskd train"
+        )
+    checkpoint = read_checkpoint(path)
+    states = {"student": checkpoint["student"], "ema": checkpoint.get("ema")}
+    return path, checkpoint["config"], states, None
+
+
+def evaluate_checkpoint(config: Config | list[str] | None, checkpoint_path: str | Path) -> dict:
+    """Metrics of saved weights under every rule (and of their EMA weights, when saved).
+
+    ``checkpoint_path``: a cskd training checkpoint (``last.pt``, ``best.pt``), a run directory
+    (its ``last.pt``, else its exported student) or an exported ``student.safetensors``, whose
+    metadata rebuilds the model. ``config``: a Config, or ``key=value`` overrides of the
+    checkpoint's own config (an exported student's: its model and normalisation, with
+    ``data.dataset=folder``, so ``data.root=FOLDER`` is all it needs; only ``val/`` is read).
+    ``data.image_size`` may differ from training: a ViT's position embeddings are resampled.
+    """
+    path, saved_config, states, exported = read_saved(checkpoint_path)
+    if config is None or isinstance(config, list):  # the saved config, plus overrides
+        config = from_dict(apply_overrides(saved_config, [*RULES_FOR_SAVED, *(config or [])]))
+    if "pos_embed" in states["student"]:  # a ViT: built for the size it is evaluated at
+        config.student.kwargs = {**config.student.kwargs, "img_size": config.data.image_size}
+    info = distributed.init_distributed(
+        device=config.train.device,
+        backend=config.train.dist_backend,
+        timeout_s=config.train.dist_timeout_s,
+    )
+    setup_logging(rank=info.rank)  # what was adapted (another image size) goes to stderr
+    device = info.device
+    val_set = build_eval_set(config.data, config.augment)
+    if exported is not None and list(val_set.classes or []) != exported["class_names"]:
+        log.warning(
+            f"the model was trained on classes {exported['class_names'][:5]}... but the data has "
+            f"{list(val_set.classes)[:5]}...: accuracy assumes both are in the same order"
+        )
+    loader = eval_loader(
+        val_set,
+        batch_size=config.data.eval_batch_size or 2 * config.data.batch_size,
+        workers=config.data.workers,
+        rank=info.rank,
+        world_size=info.world_size,
+        pin_memory=device.type == "cuda",
+    )
+    preflight.check_models(config)
+    student = build_student(config)
+    what = f"student {config.student.name}"
+    for line in load_adapted(student, states["student"], path=path, what=what, adapt_head=False):
+        log.info(line)
+    student = student.to(device)
+    ema = None
+    if states["ema"] is not None:
+        ema = ModelEmaV3(student, decay=config.train.ema_decay)
+        load_adapted(
+            ema.module, states["ema"], path=path, what=f"EMA of the {what}", adapt_head=False
+        )
+    norm = normalizer(config.data.mean, config.data.std, device)
+    try:
+        return evaluate_with_ema(
+            student,
+            ema,
+            loader,
+            rules_for(student),
+            device,
+            norm,
+            amp_dtype(config, device),
+            config,
+        )
+    finally:
+        distributed.shutdown()
+
+
+def config_of_export(export: dict) -> dict:
+    """The config (as a dict) an exported student's metadata implies: its model, classes,
+    input size, normalisation and rule, evaluated on an image folder (``data.root`` to set)."""
+    kwargs = {
+        key: value
+        for key, value in export["model_kwargs"].items()
+        if key not in ("num_classes", "in_chans")
+    }
+    channels, size, _ = export["input_size"]
+    return {
+        "student": {"name": export["timm_name"], "kwargs": kwargs},
+        "data": {
+            "dataset": "folder",
+            "num_classes": export["num_classes"],
+            "in_chans": channels,
+            "image_size": size,
+            "mean": export["mean"],
+            "std": export["std"],
+            "eval_crop_pct": export["crop_pct"],
+            "workers": min(8, os.cpu_count() or 1),  # this machine's, not the training one's
+        },
+        "augment": {"interpolation": export["interpolation"]},
+        "distill": {"method": export["method"]},  # its rules; evaluation runs no teacher
+        "teacher": {"mean": export["mean"], "std": export["std"]},
+    }

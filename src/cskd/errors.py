@@ -1,0 +1,36 @@
+"""Every error a user can fix, in one place: the CLI turns each into one line and exit status 2."""
+
+from __future__ import annotations
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the message names the step and the loss parts."""
+
+
+class TeacherError(ValueError):
+    """The teacher cannot give the dense responses CSKD needs."""
+
+
+class GridError(ValueError):
+    """The student's patch grid cannot be aligned to the teacher's feature grid."""
+
+
+class CheckpointError(RuntimeError):
+    """A weights or checkpoint file is missing, unreadable, unsafe or does not fit the model."""
+
+
+class ConfigError(ValueError):
+    """A recipe or override is invalid; the message names the key."""
+
+
+class DistributedError(RuntimeError):
+    """Another rank failed, or the ranks disagree; the message names the ranks involved."""
+
+
+class DataError(ValueError):
+    """A dataset or transform cannot be built or read; the message names the path and the fix."""
+
+
+class CacheError(DataError):
+    """A teacher cache is missing, damaged, or was made for another teacher or data; the message
+    names the file or the key that differs and how to rebuild it."""

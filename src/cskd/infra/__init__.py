@@ -1,0 +1,1 @@
+"""Infrastructure with no method code: checkpoint files, weights adaptation, processes and ranks, the run log."""

@@ -1,0 +1,336 @@
+"""Adapters that give timm models the dense outputs CSKD needs, without editing timm.
+
+``DenseTeacher`` wraps a timm CNN whose head is global average pooling then a linear layer and
+applies that layer at every location of the final feature map: the dense logits P_local. The
+ordinary output is P_global, and P_global is the spatial mean of P_local.
+
+``DenseStudent`` wraps a timm ViT and applies its distillation head (the class head for a model
+without a distillation token) to every patch token after the final norm: Z_patch. It adds no
+parameters, and returns the same named structure in train and eval mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..errors import TeacherError
+from .align import align_to_grid
+
+log = logging.getLogger("cskd")
+
+INFERENCE_RULES = ("cls", "cls+dist", "cls+dist+patch")
+
+
+@dataclass
+class TeacherOutput:
+    dense_logits: torch.Tensor  # (N, K, H, W): the classifier at every feature-map location
+    global_logits: torch.Tensor  # (N, K): the model's ordinary output
+
+
+@dataclass
+class StudentOutput:
+    cls_logits: torch.Tensor  # (N, K): class-token head
+    dist_logits: torch.Tensor | None  # (N, K): distillation-token head, None without the token
+    patch_logits: torch.Tensor | None  # (N, M, K): patch head per token, row-major on patch_grid
+    patch_grid: tuple[int, int]  # the grid patch_logits lies on: (h, w), or the output_grid asked
+
+
+def _first_conv_channels(model: nn.Module) -> int:
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return conv.in_channels if conv is not None else 3
+
+
+class DenseTeacher(nn.Module):
+    """A frozen timm CNN that returns :class:`TeacherOutput`, and owns its input normalisation.
+
+    At construction a random batch of ``check_size`` pixels (the data's image size) checks
+    that the model's final features are an (N, C, H, W) map and that the mean of the dense
+    logits equals the model's output; models for which it cannot hold are refused
+    (:class:`~cskd.errors.TeacherError`).
+
+    ``global_only=True`` (DeiT distillation, which needs only the global logits) accepts any timm
+    classifier, a ViT included; ``dense_logits`` is then None.
+
+    ``mean`` / ``std`` (one value per input channel) are the normalisation the teacher was
+    trained with, by default its timm ``pretrained_cfg``'s (as timm's ``DistillationTeacher``);
+    :meth:`normalize` and :meth:`renormalize` are the only places the teacher's input is
+    normalised, so training, the pre-flight, the diagnostics and the cache feed it alike.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        name: str | None = None,
+        check_size: int = 64,
+        amp_dtype: torch.dtype | None = None,
+        global_only: bool = False,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
+    ) -> None:
+        super().__init__()
+        self.name = name or type(model).__name__
+        self.global_only = global_only
+        # None: the caller's precision; float32: autocast off; float16/bfloat16: autocast to it
+        self.amp_dtype = amp_dtype
+        self.channels_last = False  # inputs made channels-last (set with the model's format)
+        self.in_chans = _first_conv_channels(model)
+        if mean is None or std is None:  # timm's configuration, where it fits the channels
+            config = getattr(model, "pretrained_cfg", None) or {}
+            mean, std = tuple(config.get("mean", ())), tuple(config.get("std", ()))
+            if (len(mean), len(std)) != (self.in_chans, self.in_chans):
+                mean = std = ()
+        elif (len(mean), len(std)) != (self.in_chans, self.in_chans):
+            raise TeacherError(
+                f"teacher {self.name} takes {self.in_chans} input channel(s) but its "
+                f"normalisation has {len(mean)} mean and {len(std)} std values: set teacher.mean "
+                f"and teacher.std to {self.in_chans} value(s) each"
+            )
+        shape = (1, len(mean), 1, 1)
+        self.register_buffer("input_mean", torch.tensor(mean).view(shape), persistent=False)
+        self.register_buffer("input_std", torch.tensor(std).view(shape), persistent=False)
+        classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+        if not global_only and not isinstance(classifier, nn.Linear):
+            raise TeacherError(
+                f"teacher {self.name}: its classifier is {type(classifier).__name__}, not a linear "
+                "layer, so it cannot be applied at every location; use a CNN whose head is global "
+                "average pooling then a linear layer (ResNet, RegNet, EfficientNet)"
+            )
+        self.model = model
+        self.classifier = classifier
+        self.model.requires_grad_(False)
+        self.model.eval()
+        self._check_dense_head(check_size)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, C, S, S) pixels in [0, 1] -> the teacher's input: (pixels - mean) / std."""
+        self._check_normalisation()
+        return (pixels - self.input_mean) / self.input_std
+
+    def _check_normalisation(self) -> None:
+        if self.input_mean.numel() == 0:
+            raise TeacherError(
+                f"teacher {self.name} has no input normalisation for its {self.in_chans} "
+                "channel(s) (its timm configuration has none that fits): pass mean and std"
+            )
+
+    def renormalize(
+        self, images: torch.Tensor, *, mean: torch.Tensor, std: torch.Tensor
+    ) -> torch.Tensor:
+        """(N, C, S, S) images normalised with another ``mean`` / ``std`` (the student's, each
+        (1, C, 1, 1)) -> the same pixels in the teacher's normalisation:
+        x * std / std_t + (mean - mean_t) / std_t. Applied after erasing and Mixup, so the
+        teacher sees exactly the batch the student sees."""
+        self._check_normalisation()
+        scale = std / self.input_std
+        shift = (mean - self.input_mean) / self.input_std
+        return images * scale + shift
+
+    @torch.no_grad()
+    def grid(self, image_size: int) -> tuple[int, int]:
+        """The teacher's map (H, W) for ``image_size`` x ``image_size`` inputs (one blank pass per
+        size, remembered)."""
+        grids = self.__dict__.setdefault("_grids", {})
+        if image_size not in grids:
+            parameter = next(self.model.parameters())
+            blank = torch.zeros(1, self.in_chans, image_size, image_size, device=parameter.device)
+            grids[image_size] = tuple(self(blank).dense_logits.shape[-2:])
+        return grids[image_size]
+
+    def train(self, mode: bool = True) -> DenseTeacher:
+        """The teacher stays in eval mode whatever its parent asks."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> TeacherOutput:
+        """images: (N, C, S, S) in the teacher's normalisation -> dense (N, K, H, W) and global
+        (N, K) logits. With ``amp_dtype`` set the pass runs at that precision whatever the
+        caller's autocast (float16 is how the CSKD release runs its teacher; float32 turns
+        autocast off)."""
+        device_type = images.device.type
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if self.amp_dtype is None:
+            precision = contextlib.nullcontext()
+        elif self.amp_dtype == torch.float32:
+            precision = torch.autocast(device_type, enabled=False)
+        else:
+            precision = torch.autocast(device_type, dtype=self.amp_dtype)
+        with precision:
+            if self.global_only:
+                return TeacherOutput(dense_logits=None, global_logits=self.model(images))
+            return self.heads(self.model.forward_features(images))  # features (N, C_f, H, W)
+
+    def heads(self, features: torch.Tensor) -> TeacherOutput:
+        """The final feature map (N, C_f, H, W) -> global (N, K) and dense (N, K, H, W) logits."""
+        global_logits = self.model.forward_head(features)  # (N, K)
+        weight = self.classifier.weight[:, :, None, None]  # (K, C_f, 1, 1)
+        dense_logits = F.conv2d(features, weight, self.classifier.bias)  # (N, K, H, W)
+        return TeacherOutput(dense_logits=dense_logits, global_logits=global_logits)
+
+    def _check_dense_head(self, size: int) -> None:
+        generator = torch.Generator().manual_seed(0)
+        parameter = next(self.model.parameters())
+        images = torch.randn(2, self.in_chans, size, size, generator=generator)
+        images = images.to(device=parameter.device, dtype=parameter.dtype)
+        if self.global_only:
+            return
+        with torch.no_grad():
+            features = self.model.forward_features(images)
+        if features.ndim != 4:
+            raise TeacherError(
+                f"teacher {self.name}: its final features are {tuple(features.shape)}, not an "
+                "(N, C, H, W) map (a ViT gives tokens), so it has no dense logits: CSKD needs a "
+                "CNN teacher (ResNet, RegNet, EfficientNet); with this teacher use "
+                "distill.method=deit"
+            )
+        output = self(images)
+        mean = output.dense_logits.float().mean(dim=(2, 3))
+        reference = output.global_logits.float()
+        error = (mean - reference).abs().max().item()
+        if error > 1e-3 * (1.0 + reference.abs().max().item()):
+            raise TeacherError(
+                f"teacher {self.name}: the mean of its dense logits differs from its output by "
+                f"{error:.3g}, so its head is not global average pooling then a linear layer "
+                "(normalisation or an MLP after pooling, as in ConvNeXt, cannot give dense logits); "
+                "choose a teacher such as a ResNet, RegNet or EfficientNet"
+            )
+
+
+class DenseStudent(nn.Module):
+    """A timm ViT that returns :class:`StudentOutput` in train and eval mode alike.
+
+    Its ``state_dict`` is the wrapped timm model's, so it loads into ``timm.create_model(name)``.
+    ``inference_rule`` names how :meth:`predict` combines the heads (see :func:`combine_heads`).
+    """
+
+    def __init__(self, model: nn.Module, *, inference_rule: str = "cls+dist+patch") -> None:
+        super().__init__()
+        if inference_rule not in INFERENCE_RULES:
+            raise ValueError(
+                f"unknown inference rule {inference_rule!r}: choose one of {INFERENCE_RULES}"
+            )
+        self.inference_rule = inference_rule
+        if not hasattr(model, "patch_embed") or not hasattr(model, "num_prefix_tokens"):
+            raise TypeError(
+                f"{type(model).__name__} is not a timm Vision Transformer "
+                "(it has no patch_embed / num_prefix_tokens)"
+            )
+        self.model = model
+        self.distilled = getattr(model, "dist_token", None) is not None
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """(h, w): the patch grid for the model's configured image size."""
+        return tuple(self.model.patch_embed.grid_size)
+
+    @property
+    def patch_head(self) -> nn.Module:
+        """The head applied to patch tokens: the distillation head, or the class head."""
+        return self.model.head_dist if self.distilled else self.model.head
+
+    def state_dict(self, *args, **kwargs):
+        return self.model.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _grid_for(self, images: torch.Tensor) -> tuple[int, int]:
+        if getattr(self.model, "dynamic_img_size", False):
+            return tuple(self.model.patch_embed.dynamic_feat_size(images.shape[-2:]))
+        return self.grid_size
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        *,
+        output_grid: tuple[int, int] | None = None,
+        with_patches: bool = True,
+    ) -> StudentOutput:
+        """Run the ViT once and apply its heads.
+
+        With ``output_grid`` (the teacher's H x W) the patch tokens are pooled to that grid before
+        the head (exact, since pooling and the head are both linear), and ``patch_logits`` is
+        (N, H*W, K); ``(1, 1)`` gives the mean patch logits the ``cls+dist+patch`` rule needs.
+        ``with_patches=False`` skips the patch head (``patch_logits`` is None).
+        """
+        model = self.model
+        tokens = model.forward_features(images)  # (N, P + M, D), after the final norm
+        if self.distilled:
+            cls_logits = model.head(model.head_drop(tokens[:, 0]))  # (N, K)
+            dist_logits = model.head_dist(model.head_drop(tokens[:, 1]))  # (N, K)
+        else:
+            cls_logits = model.forward_head(tokens)  # (N, K)
+            dist_logits = None
+        if not with_patches:
+            return StudentOutput(cls_logits, dist_logits, None, self._grid_for(images))
+        patches = tokens[:, model.num_prefix_tokens :]  # (N, M, D), M = h * w row-major
+        patches = model.fc_norm(patches) if hasattr(model, "fc_norm") else patches
+        grid = self._grid_for(images)
+        if output_grid is not None:
+            patches = align_to_grid(patches, grid, output_grid)  # (N, H*W, D)
+            grid = tuple(output_grid)
+        patch_logits = self.patch_head(model.head_drop(patches))  # (N, M or H*W, K)
+        return StudentOutput(cls_logits, dist_logits, patch_logits, grid)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Inference logits (N, K) under ``inference_rule``; the patch head sees the mean token."""
+        return combine_heads(self(images, output_grid=(1, 1)), self.inference_rule)
+
+
+def combine_heads(output: StudentOutput, rule: str = "cls+dist+patch") -> torch.Tensor:
+    """Inference logits (N, K) under a named rule.
+
+    ``cls``: class head. ``cls+dist``: mean of class and distillation heads (DeiT).
+    ``cls+dist+patch``: mean of class head, distillation head and the patch head averaged over
+    locations (the released CSKD code). Heads a model lacks (no distillation token, or no patch
+    logits for a CNN) are left out of the mean.
+    """
+    if rule not in INFERENCE_RULES:
+        raise ValueError(f"unknown inference rule {rule!r}: choose one of {INFERENCE_RULES}")
+    heads = [output.cls_logits]
+    if rule != "cls" and output.dist_logits is not None:
+        heads.append(output.dist_logits)
+    if rule == "cls+dist+patch" and output.patch_logits is not None:
+        heads.append(output.patch_logits.mean(dim=1))
+    return torch.stack(heads).mean(dim=0)
+
+
+class PlainClassifier(nn.Module):
+    """Any timm classifier (e.g. a CNN trained as a teacher with method ``none``) behind the
+    :class:`StudentOutput` contract: only ``cls_logits`` is set."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.distilled = False
+
+    def state_dict(self, *args, **kwargs):
+        return self.model.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def forward(self, images: torch.Tensor, **_: object) -> StudentOutput:
+        return StudentOutput(self.model(images), None, None, (1, 1))
+
+
+def wrap_student(
+    model: nn.Module, *, inference_rule: str = "cls+dist+patch"
+) -> DenseStudent | PlainClassifier:
+    """A ViT becomes a :class:`DenseStudent`; any other classifier a :class:`PlainClassifier`."""
+    if hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens"):
+        return DenseStudent(model, inference_rule=inference_rule)
+    return PlainClassifier(model)
+
+
+def rules_for(student: nn.Module) -> tuple[str, ...]:
+    """The inference rules that differ for this student (all three for a ViT, ``cls`` for a CNN)."""
+    return INFERENCE_RULES if isinstance(student, DenseStudent) else ("cls",)

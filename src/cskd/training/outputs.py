@@ -1,0 +1,97 @@
+"""A finished run's outputs: ``student.safetensors`` (describing itself) and
+``final_metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from ..config import Config
+from ..infra.checkpoint import save_safetensors_atomic
+from ..infra.weights import export_metadata
+from .state import TrainState
+
+log = logging.getLogger("cskd")
+
+
+def write_final_outputs(
+    run_dir: Path,
+    config: Config,
+    *,
+    student,
+    ema,
+    state: TrainState,
+    last: dict,
+    test: dict | None,
+    classes: list[str],
+) -> None:
+    """``student.safetensors`` (and the EMA's), each describing itself
+    (:func:`export_description`), ``final_metrics.json`` and the summary line."""
+    metadata = export_description(config, classes)
+    save_safetensors_atomic(
+        student.state_dict(), run_dir / "student.safetensors", metadata=metadata
+    )
+    if ema is not None:
+        save_safetensors_atomic(
+            ema.module.state_dict(), run_dir / "student_ema.safetensors", metadata=metadata
+        )
+    summary = final_summary(last, state.best, last_epoch=config.optim.epochs - 1, test=test)
+    (run_dir / "final_metrics.json").write_text(json.dumps(summary, indent=2))
+    log.info(_final_line(summary, config.train.best_rule))
+
+
+def export_description(config: Config, classes: list[str]) -> dict[str, str]:
+    """What an exported student says about itself (:func:`cskd.infra.weights.export_metadata`):
+    enough to rebuild it (:func:`cskd.training.build.load_student`) and feed it images."""
+    size = config.data.image_size
+    return export_metadata(
+        timm_name=config.student.name,
+        model_kwargs={
+            **config.student.kwargs,
+            "num_classes": config.data.num_classes,
+            "in_chans": config.data.in_chans,
+        },
+        num_classes=config.data.num_classes,
+        class_names=[str(name) for name in classes],
+        input_size=[config.data.in_chans, size, size],
+        mean=list(config.data.mean),
+        std=list(config.data.std),
+        interpolation=config.augment.interpolation,
+        crop_pct=config.data.eval_crop_pct,
+        inference_rule=config.student.inference_rule,
+        method=config.distill.method,
+    )
+
+
+def final_summary(last: dict, best: dict, *, last_epoch: int, test: dict | None = None) -> dict:
+    """What ``final_metrics.json`` holds: the last epoch's metrics (what this project reports)
+    and each rule's best epoch (what the CSKD release reports), raw and EMA; with
+    ``train.eval_test`` also the official test split's metrics at the last epoch."""
+    summary = {
+        "last_epoch": {"epoch": last_epoch, **last},
+        "best_epoch": best,
+        "note": (
+            "last_epoch: every rule at the end of training (the weights in student.safetensors); "
+            "best_epoch: per rule, the epoch with the highest validation top-1 (what the CSKD "
+            "release reports; a choice made on the validation set). Epochs count from 0 "
+            "here, from 1 in train.log"
+        ),
+    }
+    if test is not None:
+        summary["test_last_epoch"] = test
+    return summary
+
+
+def _final_line(summary: dict, rule: str) -> str:
+    ema, name = rule.startswith("ema/"), rule.removeprefix("ema/")
+    last = summary["last_epoch"].get("ema", {}) if ema else summary["last_epoch"]
+    best = summary["best_epoch"].get("ema", {}) if ema else summary["best_epoch"]
+    if name not in last or name not in best:
+        return "finished"
+    return (
+        f"finished: {rule} top-1 {last[name]['top1']:.2f} at the last epoch "
+        f"({summary['last_epoch']['epoch'] + 1}), best {best[name]['top1']:.2f} at epoch "
+        f"{best[name]['epoch'] + 1} (the release reports the best epoch)"
+    )

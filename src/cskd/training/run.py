@@ -1,0 +1,386 @@
+"""Training and evaluation runs, assembled from one builder per feature.
+
+``train(config)`` reads top to bottom: process group, run directory, data, models, optimisation,
+augmentation on the device, resume, then the epoch loop of train / evaluate / checkpoint, and at
+the end ``student.safetensors``. ``evaluate_checkpoint`` re-measures a saved checkpoint.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from timm.utils import ModelEmaV3
+from tqdm import tqdm
+
+from ..config import Config, dump_config
+from ..data import build_datasets
+from ..data.sampling import EpochSampler
+from ..infra import distributed
+from ..infra.checkpoint import save_atomic
+from ..infra.runlog import MetricsWriter, setup_logging
+from ..method.distiller import normalizer
+from ..teacher.cached import open_cached_teacher
+from . import diagnostics, preflight
+from .build import (
+    amp_dtype,
+    build_batch_augmentation,
+    build_distiller,
+    build_eval_loaders,
+    build_optimization,
+    build_student,
+    build_teacher,
+    build_train_loader,
+    check_lr_schedule,
+    place_teacher,
+    seed_everything,
+    wrap_for_training,
+)
+from .engine import Trainer
+from .evaluation import EpochEvaluation, epoch_line, rule_top1, update_best
+from .outputs import write_final_outputs
+from .state import TrainState, checkpoint_state, prepare_run_dir, resume_path, resume_run
+
+log = logging.getLogger("cskd")
+
+
+class StopRequest:
+    """Turns SIGTERM (what cluster schedulers send first) and a first Ctrl-C into a save at the
+    next step boundary; a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: dict = {}
+
+    def __enter__(self) -> StopRequest:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.requested:
+            raise KeyboardInterrupt
+        if signum == signal.SIGINT:
+            log.info("Ctrl-C: saving last.pt at the next step boundary (again to stop at once)")
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+def train(config: Config) -> dict:
+    """Run (or resume) training; returns the final epoch's evaluation metrics."""
+    info = distributed.init_distributed(
+        device=config.train.device,
+        backend=config.train.dist_backend,
+        timeout_s=config.train.dist_timeout_s,
+    )
+    try:
+        with StopRequest() as stop:
+            final = _train(config, info, stop)
+    except Exception as error:
+        if info.enabled:  # torchrun interleaves the ranks' output: say which rank this is
+            log.error(
+                f"rank {info.rank} of {info.world_size} failed: {type(error).__name__}: {error}",
+                extra={"all_ranks": True},
+            )
+        raise  # the process exits; torchrun then stops the other ranks
+    distributed.shutdown()
+    return final
+
+
+def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest) -> dict:
+    global_batch = config.data.batch_size * info.world_size
+    lr = check_lr_schedule(config, global_batch)
+    preflight.check_models(config)  # names and kwargs, on the meta device: before any writing
+    run_dir = distributed.together(prepare_run_dir, config, is_main=info.is_main)
+    setup_logging(rank=info.rank, log_file=run_dir / "train.log")
+    device = info.device
+    seed_everything(config.train.seed)  # the same initial weights (and EMA) on every rank
+
+    distributed.together(preflight.check_data_source, config.data)
+    train_set, val_set = distributed.together(build_datasets, config.data, config.augment)
+    sampler, loader, steps_per_epoch = build_train_loader(config, train_set, info)
+    val_loader, test_loader = build_eval_loaders(config, val_set, info)
+
+    fresh = resume_path(config, run_dir) is None  # a resumed run's weights come from last.pt
+    student = distributed.together(build_student, config, initial_weights=fresh).to(device)
+    teacher = distributed.together(build_teacher, config)
+    if teacher is not None:
+        # with a cache the teacher serves only the pre-flight and diagnostics: not compiled
+        teacher = place_teacher(config, teacher, device, compile=not config.teacher.cache)
+    cached_teacher = None  # teacher.cache: the step reads the teacher's targets from disk
+    if config.teacher.cache:
+        cached_teacher = distributed.together(
+            open_cached_teacher, config, teacher=teacher, train_set=train_set, device=device
+        )
+    if config.train.channels_last:
+        student = student.to(memory_format=torch.channels_last)
+    ema = ModelEmaV3(student, decay=config.train.ema_decay) if config.train.ema else None
+    seed_everything(config.train.seed + info.rank)  # each rank its own dropout, Mixup, erasing
+
+    optimizer, scheduler = build_optimization(
+        config, student, lr=lr, steps_per_epoch=steps_per_epoch
+    )
+    dtype = amp_dtype(config, device)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    erasing, mixup = build_batch_augmentation(config, device)
+    student_norm = normalizer(config.data.mean, config.data.std, device)
+
+    trained = wrap_for_training(config, student, info)  # DDP, compile
+    distiller = build_distiller(config, trained, teacher, device=device, mixup=mixup is not None)
+    distributed.together(
+        preflight.check_run,
+        config,
+        student=student,
+        teacher=teacher,
+        train_set=train_set,
+        val_set=val_set,
+        device=device,
+        student_norm=student_norm,
+        is_main=info.is_main,
+    )
+
+    if info.is_main:  # warnings only once every check has passed (errors stay one line)
+        preflight.check_machine(config, world_size=info.world_size)
+    state = resume_run(
+        config,
+        run_dir,
+        info,
+        student=student,
+        ema=ema,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        global_batch=global_batch,
+        steps_per_epoch=steps_per_epoch,
+    )
+    metrics_writer = MetricsWriter(run_dir, enabled=info.is_main, resume_step=state.global_step)
+    if info.is_main:
+        (run_dir / "config.yaml").write_text(dump_config(config))
+    log.info(
+        f"{config.distill.method} | student {config.student.name} | teacher "
+        f"{config.teacher.name if teacher is not None else '-'} | {info.world_size} process(es) "
+        f"on {device} | effective batch {global_batch} (= {config.data.batch_size} x {info.world_size}) | "
+        f"lr {lr:.3g} "
+        f"(= {config.optim.lr:g} x {global_batch} / {config.optim.lr_batch_reference}) | "
+        f"{steps_per_epoch} steps/epoch x {config.optim.epochs} epochs"
+    )
+
+    def save(name: str) -> None:
+        if info.is_main:
+            blob = checkpoint_state(
+                config,
+                student=student,
+                ema=ema,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                scaler=scaler,
+                state=state,
+                global_batch=global_batch,
+            )
+            save_atomic(blob, run_dir / name)
+
+    trainer = Trainer(
+        distiller=distiller,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        device=device,
+        epochs=config.optim.epochs,
+        steps_per_epoch=steps_per_epoch,
+        progress_unit=config.distill.progress,
+        schedule=config.distill.schedule,
+        mixup=mixup,
+        erasing=erasing,
+        ema=ema,
+        scaler=scaler,
+        amp_dtype=dtype,
+        clip_grad=config.optim.clip_grad,
+        student_norm=student_norm,
+        cached_teacher=cached_teacher,
+    )
+    evaluation = EpochEvaluation(
+        config=config,
+        student=student,
+        ema=ema,
+        teacher=teacher,
+        val_loader=val_loader,
+        test_loader=test_loader,
+        device=device,
+        student_norm=student_norm,
+        amp_dtype=dtype,
+        steps_per_epoch=steps_per_epoch,
+        probe=diagnostics.Probe(
+            val_set,
+            count=config.train.diagnostics_images,
+            student_norm=student_norm,
+            schedule=config.distill.schedule,
+        )
+        if config.train.diagnostics and info.is_main
+        else None,
+    )
+    loop = EpochLoop(
+        config=config,
+        trainer=trainer,
+        evaluation=evaluation,
+        state=state,
+        writer=metrics_writer,
+        stop=stop,
+        save=save,
+        run_dir=run_dir,
+        show_progress=info.is_main and sys.stderr.isatty(),
+    )
+    final, test, finished = loop.run(loader, sampler)
+    if not finished:  # stopped on request: last.pt holds the run
+        metrics_writer.close()
+        return final
+    if info.is_main:
+        write_final_outputs(
+            run_dir,
+            config,
+            student=student,
+            ema=ema,
+            state=state,
+            last=final,
+            test=test,
+            classes=list(getattr(train_set, "classes", None) or []),
+        )
+    metrics_writer.close()
+    return final
+
+
+@dataclass
+class EpochLoop:
+    """The run's loop, beside the run's state: train, evaluate and checkpoint epoch after
+    epoch, and decide what to log, when to save and when to stop (as torchvision's
+    ``train_one_epoch`` / ``evaluate``). The step itself is :meth:`Trainer.step`."""
+
+    config: Config
+    trainer: Trainer
+    evaluation: EpochEvaluation
+    state: TrainState
+    writer: MetricsWriter
+    stop: StopRequest
+    save: Callable[[str], None]  # writes last.pt / best.pt (rank 0)
+    run_dir: Path
+    show_progress: bool = False
+
+    def should_stop(self) -> bool:
+        """A stop request (SIGTERM, Ctrl-C) or ``train.stop_after_steps``, agreed by all ranks so
+        that they stop at the same step."""
+        limit = self.config.train.stop_after_steps
+        return distributed.any_rank(self.stop.requested) or 0 < limit <= self.state.global_step
+
+    def run(self, loader, sampler: EpochSampler) -> tuple[dict, dict | None, bool]:
+        """Epoch after epoch from ``state``; returns the last evaluation (validation, test or
+        None) and whether the run reached its end (False: it stopped on request and
+        ``last.pt`` holds it)."""
+        config, state = self.config, self.state
+        final: dict = {}
+        test: dict | None = None
+        epochs, steps_per_epoch = config.optim.epochs, self.trainer.steps_per_epoch
+        last = self.run_dir / "last.pt"
+        while state.epoch < epochs:
+            sampler.set_epoch(state.epoch, start=state.step_in_epoch * config.data.batch_size)
+            train_means = self.train_one_epoch(loader)
+            stopping = self.should_stop()
+            if stopping and state.step_in_epoch < steps_per_epoch:
+                self.save("last.pt")
+                log.info(f"stop requested: saved {last} at step {state.global_step}")
+                return final, test, False
+            evaluated = (state.epoch + 1) % config.train.eval_interval == 0 or (
+                state.epoch + 1 == epochs
+            )
+            record = {"type": "epoch", "epoch": state.epoch, "step": state.global_step}
+            record["train"] = train_means
+            if evaluated:
+                record.update(self.evaluation.run(epoch=state.epoch))
+                final, test = record["eval"], record.get("test")
+                update_best(state.best, final, epoch=state.epoch)
+            self.writer.write(record)
+            log.info(epoch_line(state.epoch, epochs, train_means, final if evaluated else {}))
+            state.epoch, state.step_in_epoch = state.epoch + 1, 0
+            if evaluated and rule_top1(final, config.train.best_rule) > state.best_metric:
+                state.best_metric = rule_top1(final, config.train.best_rule)
+                self.save("best.pt")
+            self.save("last.pt")
+            if stopping:
+                log.info(f"stop requested: saved {last} after epoch {state.epoch}")
+                return final, test, False
+        if not final:  # resumed after the last epoch (killed while writing the outputs)
+            measured = self.evaluation.run(epoch=state.epoch - 1, with_diagnostics=False)
+            final, test = measured["eval"], measured.get("test")
+        return final, test, True
+
+    def train_one_epoch(self, batches: Iterable[dict]) -> dict:
+        """Step until the epoch's steps are done or a stop is agreed; logs every
+        ``train.log_interval`` steps, saves ``last.pt`` every ``train.checkpoint_interval``;
+        returns the epoch's mean loss parts and ``epoch_time_s``."""
+        trainer, state, train = self.trainer, self.state, self.config.train
+        trainer.distiller.train()
+        trainer.scheduler.step(state.epoch)  # an epoch-unit schedule moves here (per step: no-op)
+        if state.step_in_epoch == 0:
+            state.epoch_sums, state.epoch_steps = {}, 0
+        sums = state.epoch_sums
+        count = 0
+        start, window_start, window_images = time.perf_counter(), time.perf_counter(), 0
+        steps_per_epoch = trainer.steps_per_epoch
+        remaining = max(steps_per_epoch - state.step_in_epoch, 0)
+        bar = tqdm(
+            total=remaining,
+            desc=f"epoch {state.epoch + 1}/{trainer.epochs}",
+            disable=not self.show_progress,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+        for batch in itertools.islice(batches, remaining):
+            parts = trainer.step(batch, state)
+            count += 1
+            state.epoch_steps += 1
+            window_images += batch["image"].shape[0]
+            for key, value in parts.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+            if (
+                state.global_step % train.log_interval == 0
+                or state.step_in_epoch == steps_per_epoch
+            ):
+                now = time.perf_counter()
+                lr = trainer.optimizer.param_groups[0]["lr"]
+                record = {
+                    "type": "step",
+                    "epoch": state.epoch,
+                    "step": state.global_step,
+                    "lr": lr,
+                    "images_per_s": window_images / max(now - window_start, 1e-9),
+                    **{k: float(v) for k, v in parts.items()},
+                }
+                window_start, window_images = now, 0
+                self.writer.write(record)
+                speed = f"{record['images_per_s']:.0f}"
+                bar.set_postfix(
+                    loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", img_s=speed, refresh=False
+                )
+                if not self.show_progress:  # not a terminal: one line per log interval
+                    eta = (now - start) / count * (remaining - count)
+                    log.info(
+                        f"epoch {state.epoch + 1}/{trainer.epochs} step {state.step_in_epoch}/"
+                        f"{steps_per_epoch} loss {record['loss']:.4f} lr {lr:.3g} "
+                        f"{speed} img/s eta {eta:.0f}s"
+                    )
+            bar.update(1)
+            if train.checkpoint_interval and state.global_step % train.checkpoint_interval == 0:
+                self.save("last.pt")
+            if self.should_stop():
+                break
+        bar.close()
+        means = {key: value / max(state.epoch_steps, 1) for key, value in sums.items()}
+        means["epoch_time_s"] = time.perf_counter() - start
+        return means

@@ -1,0 +1,248 @@
+"""A run's saved state: the run directory, checkpoint contents, random streams and resume."""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import Config, to_dict
+from ..data.sampling import resume_step, sample_seed
+from ..errors import CheckpointError, ConfigError
+from ..infra import distributed
+from ..infra.checkpoint import read_file, remove_stale_temporaries
+from ..infra.runlog import truncate_after
+from . import preflight
+from .build import seed_everything
+
+log = logging.getLogger("cskd")
+
+CHECKPOINT_KEYS = ("student", "optimizer", "scheduler", "state", "rng", "config")
+
+
+RESULTS = ("last.pt", "best.pt", "student.safetensors", "final_metrics.json")  # a run's results
+
+
+# optim keys that define the learning-rate schedule (a timm scheduler's saved state holds them)
+SCHEDULE_KEYS = ("epochs", "warmup_epochs", "warmup_lr", "min_lr", "schedule_unit")
+
+
+def prepare_run_dir(config: Config, *, is_main: bool) -> Path:
+    """Create the run directory; refuse one that holds another run unless resuming/overwriting."""
+    run_dir = Path(config.train.output_dir)
+    # a run that never reached a checkpoint (died at step 1, say) holds nothing to lose
+    holds_run = any((run_dir / name).exists() for name in RESULTS)
+    if holds_run and not config.train.resume and not config.train.overwrite:
+        raise ConfigError(
+            f"train.output_dir {run_dir} already holds a run: pass train.resume=auto to continue "
+            "it, train.overwrite=true to replace it, or choose another train.output_dir"
+        )
+    if is_main:
+        if holds_run and config.train.overwrite and not config.train.resume:
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(run_dir)  # of checkpoint writes a kill interrupted
+    return run_dir
+
+
+def rng_state() -> dict:
+    numpy_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (numpy_state[0], torch.from_numpy(numpy_state[1].copy()), *numpy_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_state(
+    config: Config,
+    *,
+    student: torch.nn.Module,
+    ema,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    scaler: torch.amp.GradScaler | None,
+    state: TrainState,
+    global_batch: int,
+) -> dict:
+    """What ``last.pt`` / ``best.pt`` hold: weights (raw and EMA), optimizer, scheduler and
+    scaler state, the run's position (:class:`TrainState`), rank 0's random streams, the global
+    batch, the config, and the teacher's name and path (never its weights)."""
+    return {
+        "student": student.state_dict(),
+        "ema": ema.module.state_dict() if ema is not None else None,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "state": {
+            "epoch": state.epoch,
+            "step_in_epoch": state.step_in_epoch,
+            "global_step": state.global_step,
+            "best_metric": state.best_metric,
+            "best": state.best,
+            "epoch_sums": dict(state.epoch_sums),
+            "epoch_steps": state.epoch_steps,
+        },
+        "rng": rng_state(),  # rank 0's
+        "global_batch": global_batch,  # state.step_in_epoch counts steps of this many images
+        "config": to_dict(config),
+        "teacher": {
+            "name": config.teacher.name,
+            "checkpoint": config.teacher.checkpoint,
+            "pretrained_tag": config.teacher.pretrained_tag,
+        },
+    }
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """Load a training checkpoint and verify it is complete."""
+    checkpoint = read_file(path)
+    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
+    if missing:
+        raise CheckpointError(
+            f"{path} is not a complete cskd training checkpoint (missing {', '.join(missing)})"
+        )
+    return checkpoint
+
+
+def resume_checkpoint(config: Config, run_dir: Path) -> tuple[Path | None, dict | None]:
+    """The checkpoint to resume from (path and contents), or ``(None, None)`` for a fresh run."""
+    source = resume_path(config, run_dir)
+    return source, read_checkpoint(source) if source is not None else None
+
+
+def resume_path(config: Config, run_dir: Path) -> Path | None:
+    if not config.train.resume:
+        return None
+    if config.train.resume == "auto":
+        last = run_dir / "last.pt"
+        return last if last.exists() else None
+    return Path(config.train.resume)
+
+
+def resume_run(
+    config: Config,
+    run_dir: Path,
+    info: distributed.DistributedInfo,
+    *,
+    student: torch.nn.Module,
+    ema: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    scaler: torch.amp.GradScaler | None,
+    global_batch: int,
+    steps_per_epoch: int,
+) -> TrainState:
+    """The state to train from: a fresh one, or the resumed run's (:func:`restore`); drops what a
+    killed run logged after its last checkpoint, and checks that every rank resumes alike."""
+    source, checkpoint = distributed.together(resume_checkpoint, config, run_dir)
+    state = TrainState()
+    if checkpoint is not None:
+        state = restore(
+            checkpoint,
+            source=source,
+            config=config,
+            rank=info.rank,
+            student=student,
+            ema=ema,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            global_batch=global_batch,
+            steps_per_epoch=steps_per_epoch,
+        )
+    if info.is_main:  # drop what a killed run logged after its last checkpoint (all, if none)
+        truncate_after(run_dir / "metrics.jsonl", state.global_step, completed_epochs=state.epoch)
+    distributed.check_same(
+        state.global_step,
+        what="the step to resume from",
+        fix="every rank must read the same train.output_dir/last.pt (a filesystem all nodes share)",
+    )
+    return state
+
+
+def restore(
+    checkpoint: dict,
+    *,
+    source: Path,
+    config: Config,
+    rank: int,
+    student: torch.nn.Module,
+    ema: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    scaler: torch.amp.GradScaler | None,
+    global_batch: int,
+    steps_per_epoch: int,
+) -> TrainState:
+    """Load a training checkpoint into the built student, EMA, optimizer, scheduler (a timm
+    scheduler) and scaler; returns the state to continue from. With another
+    global batch the epoch resumes at the step covering the same images and the schedule is
+    rebuilt; the random streams are rank 0's, other ranks start new ones."""
+    preflight.check_resume(checkpoint, path=source, config=config, student=student, ema=ema)
+    student.load_state_dict(checkpoint["student"])
+    if ema is not None and checkpoint.get("ema") is not None:
+        ema.module.load_state_dict(checkpoint["ema"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if scaler is not None and checkpoint.get("scaler"):
+        scaler.load_state_dict(checkpoint["scaler"])
+    state = TrainState(**checkpoint["state"])
+    saved_batch = checkpoint.get("global_batch", global_batch)
+    saved_schedule = {k: checkpoint["config"]["optim"].get(k) for k in SCHEDULE_KEYS}
+    schedule = {k: getattr(config.optim, k) for k in SCHEDULE_KEYS}
+    if saved_schedule != schedule:  # e.g. more epochs: the schedule follows the new config
+        changed = ", ".join(
+            f"optim.{k} {saved_schedule[k]} -> {schedule[k]}"
+            for k in SCHEDULE_KEYS
+            if saved_schedule[k] != schedule[k]
+        )
+        log.warning(
+            f"resuming with another schedule ({changed}): the learning rate and a(t) follow the "
+            f"new one from epoch {state.epoch}, step {state.step_in_epoch}"
+        )
+    if saved_batch != global_batch:  # another world size or batch: the epoch's images kept
+        state.step_in_epoch = resume_step(
+            state.step_in_epoch, saved_global_batch=saved_batch, global_batch=global_batch
+        )
+        log.info(
+            f"global batch {saved_batch} -> {global_batch}: epoch {state.epoch} resumes at "
+            f"step {state.step_in_epoch} of {steps_per_epoch}"
+        )
+    if saved_schedule == schedule and saved_batch == global_batch:
+        scheduler.load_state_dict(checkpoint["scheduler"])  # else rebuilt for the new run
+    set_rng_state(checkpoint["rng"])
+    if rank:  # the checkpoint holds rank 0's random streams; the others start new ones
+        seed_everything(sample_seed(config.train.seed, state.global_step, rank, 2**32 - 2))
+    scheduler.step_update(num_updates=state.epoch * steps_per_epoch + state.step_in_epoch)
+    log.info(f"resumed from {source} at epoch {state.epoch} step {state.global_step}")
+    return state
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # the epoch being trained (counted from 0)
+    step_in_epoch: int = 0  # optimisation steps already done in this epoch
+    global_step: int = 0
+    best_metric: float = -1.0
+    best: dict = field(default_factory=dict)  # per rule: top1, top5, epoch of the best epoch
+    # the epoch's loss parts summed so far, and over how many steps: saved in checkpoints so that
+    # an epoch resumed mid-way reports the same training means as an uninterrupted one
+    epoch_sums: dict = field(default_factory=dict)
+    epoch_steps: int = 0

@@ -1,0 +1,305 @@
+"""The benchmarks' --quick modes run end to end and write their results, report and plot."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))  # the scripts share benchmarks/common.py
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def fashion_mnist_teacher(path: Path) -> None:
+    """A random teacher of configs/fashion_mnist/teacher.yaml's architecture, saved to ``path``."""
+    import timm
+
+    torch.manual_seed(0)
+    teacher = timm.create_model(
+        "resnet18", num_classes=10, in_chans=1, channels=[16, 32, 64, 128], output_stride=8
+    )
+    torch.save(teacher.state_dict(), path)
+
+
+@pytest.fixture
+def one_thread():
+    """The scripts' --threads 1 changes the process-wide setting: put it back afterwards."""
+    threads = torch.get_num_threads()
+    yield ["--threads", "1"]
+    torch.set_num_threads(threads)
+
+
+def test_fashion_mnist_quick_writes_every_variant_and_resumes(tmp_path, one_thread):
+    script = load_script("fashion_mnist")
+    arguments = ["--quick", "--output-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path)]
+    assert script.main([*arguments, *one_thread]) == 0
+
+    results = json.loads((tmp_path / "fashion_mnist_quick.json").read_text())
+    expected = {"teacher"} | {f"{label.replace('/', '-')}-seed0" for label in script.VARIANTS}
+    assert set(results["runs"]) == expected
+    for key, entry in results["runs"].items():
+        rules = ("cls",) if key == "teacher" else script.RULES
+        assert set(entry["final"]) == set(rules)
+        assert all(0.0 <= entry["final"][rule]["top1"] <= 100.0 for rule in rules)
+        assert [point["epoch"] for point in entry["curve"]] == [1]
+    report = (tmp_path / "fashion_mnist_quick.md").read_text()
+    for label in script.VARIANTS:
+        assert f"| {label} | 1 |" in report
+    assert (tmp_path / "fashion_mnist_quick.png").read_bytes()[:4] == b"\x89PNG"
+
+    # A second start finds every run finished and trains nothing: the results stay as they were.
+    (tmp_path / "fashion_mnist_quick.md").write_text(
+        report.replace("# Fashion", "# Kept\n# Fashion")
+    )
+    assert script.main([*arguments, *one_thread]) == 0
+    assert json.loads((tmp_path / "fashion_mnist_quick.json").read_text()) == results
+    assert (tmp_path / "fashion_mnist_quick.md").read_text().startswith("# Kept\n")
+
+
+def test_throughput_quick_times_every_method(tmp_path, one_thread):
+    script = load_script("throughput")
+    assert script.main(["--quick", "--results-dir", str(tmp_path), *one_thread]) == 0
+
+    record = json.loads((tmp_path / "throughput.json").read_text())
+    (result,) = record["results"]
+    assert result["pair"] == "fashion_mnist"
+    for method in ("none", "deit", "cskd", "teacher"):
+        times = result["seconds_per_step"][method]
+        assert len(times) == record["repeats"] and all(t > 0 for t in times)
+    report = (tmp_path / "throughput.md").read_text()
+    assert "| fashion_mnist | 8 |" in report and record["command"] in report
+
+
+def test_throughput_profile_shows_the_patch_head_only_in_the_cskd_step(tmp_path, one_thread):
+    script = load_script("throughput")
+    arguments = ["--quick", "--profile", "1", "--results-dir", str(tmp_path), *one_thread]
+    assert script.main(arguments) == 0
+
+    (result,) = json.loads((tmp_path / "throughput_profile.json").read_text())
+    linear = result["linear_calls_per_step"]
+    # the class and distillation heads in both steps; the patch head only in CSKD's
+    assert linear["cskd"] == linear["deit"] + 1, linear
+    assert result["ms_per_step"]["deit"] > 0 and result["ms_per_step"]["cskd"] > 0
+
+
+def test_teacher_precision_compares_every_precision_with_fp32(tmp_path, one_thread):
+
+    script = load_script("teacher_precision")
+    fashion_mnist_teacher(tmp_path / "teacher.pth")
+    output = tmp_path / "precision"
+    arguments = ["--checkpoint", str(tmp_path / "teacher.pth"), "--max-batches", "1"]
+    assert script.main([*arguments, "--batch-size", "40", "--output", str(output)]) == 0
+    results = json.loads(output.with_suffix(".json").read_text())
+    for split in ("test (eval transform)", "train (augmented)"):
+        rows = results[split]
+        assert set(rows) == set(script.PRECISIONS)
+        assert all(rows["fp32"][f"{key} flips %"] == 0.0 for key in script.TARGETS)
+        assert rows["bf16"]["dense targets"] == 40 * 4 * 4  # a 4 x 4 map per image
+    assert (
+        "python benchmarks/teacher_precision.py --checkpoint"
+        in output.with_suffix(".md").read_text()
+    )
+
+
+@pytest.mark.parametrize("regime", ["long", "translated"])
+def test_regimes_quick_trains_every_method_and_reports_paired_differences(
+    tmp_path, one_thread, regime
+):
+    script = load_script("regimes")
+    arguments = ["--regime", regime, "--quick", "--output-dir", str(tmp_path / "runs")]
+    arguments += ["--results-dir", str(tmp_path)]
+    assert script.main([*arguments, *one_thread]) == 0
+    name = f"regime_{regime}_quick"
+    results = json.loads((tmp_path / f"{name}.json").read_text())
+    expected = {"teacher"} | {script.run_key(label, 0) for label in script.METHODS}
+    assert set(results["runs"]) == expected
+    for entry in results["runs"].values():
+        assert set(entry["test"]) <= set(script.RULES) and "cls" in entry["test"]
+        assert set(entry["val"]) <= set(script.RULES) and entry["curve"][-1]["test"]
+    config = json.loads((tmp_path / f"{name}.json").read_text())["runs"]["cskd-linear-seed0"]
+    size = 64 if regime == "translated" else 32
+    assert (f"data.image_size={size}" in config["overrides"]) == (regime == "translated")
+    page = (tmp_path / f"{name}.md").read_text()
+    assert "## Prediction (written before the runs)" in page
+    assert "| CSKD (cls+dist+patch) - DeiT (cls+dist) | 1 |" in page
+    assert (tmp_path / f"{name}.png").stat().st_size > 1000
+    # a second start skips every finished run and rewrites the same report
+    assert script.main([*arguments, *one_thread]) == 0
+    assert json.loads((tmp_path / f"{name}.json").read_text()) == results
+    # on a new machine the run folders are gone: the teacher is trained again, identically
+    teacher = tmp_path / "runs" / f"{regime}_quick" / "teacher"
+    for item in sorted(teacher.rglob("*"), reverse=True):
+        item.unlink() if item.is_file() else item.rmdir()
+    assert script.main([*arguments, *one_thread]) == 0
+    again = json.loads((tmp_path / f"{name}.json").read_text())["runs"]["teacher"]
+    assert (teacher / "student.safetensors").is_file()
+    assert again["weights_sha256"] == results["runs"]["teacher"]["weights_sha256"]
+    assert "previous_weights_sha256" not in again
+
+
+def test_recipe_regime_shares_the_long_teacher_and_chooses_epochs_on_validation(
+    tmp_path, one_thread
+):
+    script = load_script("regimes")
+    arguments = ["--regime", "recipe", "--quick", "--output-dir", str(tmp_path / "runs")]
+    arguments += ["--results-dir", str(tmp_path)]
+    assert script.main([*arguments, *one_thread]) == 0
+    runs = json.loads((tmp_path / "regime_recipe_quick.json").read_text())["runs"]
+    # the teacher is the long regime's run, trained once in its home and recorded in both
+    assert (tmp_path / "runs" / "long_quick" / "teacher" / "student.safetensors").is_file()
+    assert not (tmp_path / "runs" / "recipe_quick" / "teacher").exists()
+    long_teacher = json.loads((tmp_path / "regime_long_quick.json").read_text())["runs"]["teacher"]
+    assert runs["teacher"]["weights_sha256"] == long_teacher["weights_sha256"]
+    # every student trains under DeiT's augmentation
+    for key in ("pilot-e1-deit-seed0", "pilot-e2-deit-seed0", "cskd-linear-seed0", "none-seed0"):
+        assert set(script.DEIT_AUGMENTATION) <= set(runs[key]["overrides"]), key
+    # the pilot with the higher validation top-1 (ties: the shorter) becomes deit seed 0
+    chosen = script.chosen_epochs({"runs": runs}, (1, 2))
+    scores = {e: runs[f"pilot-e{e}-deit-seed0"]["val"]["cls+dist"]["top1"] for e in (1, 2)}
+    assert chosen == (2 if scores[2] > scores[1] else 1)
+    assert (
+        runs["deit-seed0"]["weights_sha256"]
+        == runs[f"pilot-e{chosen}-deit-seed0"]["weights_sha256"]
+    )
+    assert f"optim.epochs={chosen}" in runs["cskd-linear-seed0"]["overrides"]
+    page = (tmp_path / "regime_recipe_quick.md").read_text()
+    assert f"-> **{chosen} epochs**" in page
+    fake = {
+        "runs": {
+            f"pilot-e{e}-deit-seed0": {"val": {"cls+dist": {"top1": v}}}
+            for e, v in ((30, 80.0), (60, 81.0))
+        }
+    }
+    assert script.chosen_epochs(fake, (30, 60)) == 60
+    assert script.chosen_epochs({"runs": {}}, (30, 60)) is None
+
+
+def test_epoch_time_runs_old_and_new_seeding_side_by_side(tmp_path, one_thread):
+
+    script = load_script("epoch_time")
+    fashion_mnist_teacher(tmp_path / "teacher.pth")
+    output = tmp_path / "epoch_time"
+    arguments = ["--teacher", str(tmp_path / "teacher.pth"), "--repeats", "1", "--steps", "2"]
+    assert script.main([*arguments, "--eval-batches", "1", "--output", str(output)]) == 0
+    page = output.with_suffix(".md").read_text()
+    assert "| before seeding |" in page and "| after seeding |" in page
+    # the legacy path is restored afterwards: the sampler seeds the CPU generator only again
+    from cskd.data import sampling
+
+    assert "default_generator" in sampling.SeededSamples.__getitem__.__code__.co_names
+
+
+def test_gpu_study_script_quick_mode_runs_every_run_of_the_full_regime_on_the_cpu(tmp_path):
+    import os
+    import subprocess
+
+    from cskd.data import FASHION_MNIST_ROOT
+
+    script = BENCHMARKS / "gpu_study.sh"
+    environment = dict(
+        os.environ,
+        QUICK="1",
+        WORKERS="2",
+        PYTHON=sys.executable,
+        OUTPUT_DIR=str(tmp_path / "runs"),
+        LOG_DIR=str(tmp_path),
+    )
+    result = subprocess.run(
+        ["bash", str(script), FASHION_MNIST_ROOT, str(tmp_path)],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr + "".join(
+        path.read_text()[-2000:] for path in tmp_path.glob("gpu_study_worker*.log")
+    )
+    results = json.loads((tmp_path / "regime_full_quick.json").read_text())
+    assert len(results["runs"]) == 1 + 4  # the teacher, then every method once in quick mode
+    assert "data.root=" + FASHION_MNIST_ROOT in results["runs"]["deit-seed0"]["overrides"]
+    missing = subprocess.run(
+        ["bash", str(script), str(tmp_path / "nowhere")], capture_output=True, text=True
+    )
+    assert missing.returncode == 2 and "Fashion-MNIST IDX files" in missing.stderr
+
+
+def test_transfer_quick_pretrains_fine_tunes_every_start_and_resamples_at_48_px(
+    tmp_path, one_thread
+):
+    script = load_script("transfer")
+    arguments = ["--quick", "--output-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path)]
+    assert script.main([*arguments, *one_thread]) == 0
+    results = json.loads((tmp_path / "transfer_quick.json").read_text())["runs"]
+    expected = {"teacher", "pre-none", "pre-deit", "pre-cskd"}
+    expected |= {f"ft32-{start}-seed0" for start in ("scratch", "none", "deit", "cskd")}
+    expected |= {"ft48-scratch-seed0", "ft48-cskd-seed0"}
+    assert set(results) == expected
+    folders = tmp_path / "runs" / "data"
+    assert sorted(p.name for p in (folders / "transfer" / "val").iterdir()) == [
+        "Ankle_boot",
+        "Bag",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+    ]
+    log = results["ft48-cskd-seed0"]["log"]
+    assert any("resampled pos_embed from a 8x8 to a 12x12" in line for line in log)
+    assert any("re-initialised head, head_dist (reset_head" in line for line in log)
+    assert results["ft32-scratch-seed0"]["log"] == []  # scratch starts from nothing
+    page = (tmp_path / "transfer_quick.md").read_text()
+    assert "| 48 px | cskd |" in page and "Quick mode" in page
+
+
+def test_speed_path_quick_times_every_way_and_the_cache_build(tmp_path):
+    """The GPU script's smoke mode on the CPU: online, cached and the release's way (fp16 with
+    a gradient scaler), and the cost of a real `cskd cache` build."""
+    import os
+    import subprocess
+
+    environment = dict(os.environ, QUICK="1", PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_speed_path.sh"), str(tmp_path)],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "speed_path_quick.json").read_text())
+    times = record["results"][0]["seconds_per_step"]
+    assert set(times) == {"online", "cached", "release"}
+    assert all(len(values) == 2 and min(values) > 0 for values in times.values())
+    assert [row["storage"].split(",")[0] for row in record["cache_build"]] == [
+        "every logit",
+        "top-9",
+    ]
+    assert record["loading"]["per_worker_images_per_s"] > 0
+    page = (tmp_path / "speed_path.md").read_text()
+    assert "| online / cached |" in page and "generated:speed_path_quick start" in page
+    assert "loader workers needed" in page
+
+
+def test_cache_fidelity_quick_compares_cached_with_online_targets(tmp_path, one_thread):
+    script = load_script("cache_fidelity")
+    arguments = ["--quick", "--batches", "1", "--output-dir", str(tmp_path / "runs")]
+    assert script.main([*arguments, "--results-dir", str(tmp_path), *one_thread]) == 0
+    results = json.loads((tmp_path / "cache_quick.json").read_text())["runs"]
+    assert set(results["caches"]) == set(script.CACHES)
+    assert len(results["fidelity"]) == len(script.CACHES) * len(script.SETTINGS)
+    for row in results["fidelity"].values():
+        assert 0.0 <= row["hard_ckf_a1"] <= 1.0 and row["locations"] == 16 * 16
+    assert "cached-cskd-linear-seed0" in results
+    page = (tmp_path / "cache_quick.md").read_text()
+    assert "hard CKF a = 1" in page and "cached - online" in page

@@ -1,0 +1,462 @@
+"""Nothing lost: kills, SIGTERM, non-finite losses, full disks, damaged and untrusted files.
+
+The interruption tests run real ``cskd train`` processes on synthetic 32 px images (Mixup/CutMix,
+random erasing, RandAugment, drop path, EMA and per-step CKF progress all on) and kill them with
+SIGKILL at chosen moments, through :data:`WRAPPER`: a script that patches, in its own process
+only, cskd's atomic write (to die before or half-way through writing a chosen file) and the
+training step (to sleep, so that the test can pick its moment). Each run resumes with
+``train.resume=auto`` and must end bit for bit like the uninterrupted run: weights, EMA weights,
+checkpoints (optimizer, scheduler, RNG states) and every metrics record except wall-clock
+timings (``images_per_s``, ``epoch_time_s``), which cannot repeat. The rest of the faults run in
+this process through ``cskd.cli.main``. docs/results/reliability.md lists what each one printed.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import os
+import pickle
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_overrides
+from safetensors.torch import load_file
+
+import cskd.training.run
+from cskd.cli import main
+from cskd.errors import CheckpointError
+from cskd.infra.checkpoint import read_file
+from cskd.training.state import read_checkpoint
+
+WRAPPER = r'''
+"""``cskd train`` that SIGKILLs itself at a planned moment (for tests/test_reliability.py).
+
+KILL_AT=<file name>:<n>:<phase>: at the n-th atomic write of that file, die before writing
+anything (phase "before") or after writing half its bytes to the temporary file and syncing them
+(phase "mid"), which is what a kill or a power cut during the write leaves on disk.
+SLOW_STEP=<seconds>: sleep that long after every training step.
+"""
+import io
+import os
+import signal
+import sys
+import tempfile
+import time
+
+from cskd import cli
+from cskd.infra import checkpoint
+from cskd.training import engine
+
+name, number, phase = (os.environ.get("KILL_AT") or "-:0:-").split(":")
+writes = 0
+atomic_write = checkpoint.atomic_write
+
+
+def planned_atomic_write(path, write):
+    global writes
+    if path.name == name:
+        writes += 1
+        if writes == int(number):
+            if phase == "mid":
+                buffer = io.BytesIO()
+                write(buffer)
+                data = buffer.getvalue()
+                handle, _ = tempfile.mkstemp(
+                    prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
+                )
+                os.write(handle, data[: len(data) // 2])
+                os.fsync(handle)
+            os.kill(os.getpid(), signal.SIGKILL)
+    atomic_write(path, write)
+
+
+checkpoint.atomic_write = planned_atomic_write
+pause = float(os.environ.get("SLOW_STEP") or 0)
+step = engine.Trainer.step
+
+
+def slow_step(self, batch, state):
+    parts = step(self, batch, state)
+    time.sleep(pause)
+    return parts
+
+
+if pause:
+    engine.Trainer.step = slow_step
+sys.exit(cli.main(sys.argv[1:]))
+'''
+
+STEPS = 12  # 3 epochs x 4 steps of 8 images
+RUN = {
+    "optim.epochs": 3,
+    "optim.lr": 0.05,  # large enough that every step visibly moves the weights
+    "train.device": "cpu",
+    "train.checkpoint_interval": 1,
+    "train.log_interval": 1,
+    "train.ema": True,
+    "train.ema_decay": 0.9,
+    "augment.mixup": 0.8,
+    "augment.cutmix": 1.0,
+    "augment.reprob": 0.25,
+    "augment.randaugment": "rand-m9-mstd0.5-inc1",
+    "student.drop_path": 0.1,
+    "distill.progress": "step",  # CKF's local weight changes at every step
+}
+TIMINGS = ("images_per_s", "epoch_time_s")
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def start(run_dir: Path, teacher: str, *, kill: str = "", slow: float = 0.0, **extra):
+    """A ``cskd train`` subprocess of the reliability run (through WRAPPER) writing to run_dir."""
+    wrapper = run_dir.parent / "kill_wrapper.py"
+    wrapper.write_text(WRAPPER)
+    env = dict(os.environ, KILL_AT=kill, SLOW_STEP=str(slow), OMP_NUM_THREADS="1")
+    overrides = tiny_overrides(run_dir, teacher, **{**RUN, **extra})
+    return subprocess.Popen(
+        [sys.executable, str(wrapper), "train", *overrides],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as under a scheduler
+    )
+
+
+def run(run_dir: Path, teacher: str, **options) -> subprocess.CompletedProcess:
+    process = start(run_dir, teacher, **options)
+    out, err = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def records(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock timings."""
+    result = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        for key in TIMINGS:
+            record.pop(key, None)
+            record.get("train", {}).pop(key, None)
+        result.append(record)
+    return result
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    return [r["step"] for r in records(run_dir) if r["type"] == "step"]
+
+
+def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        path = run_dir / "metrics.jsonl"
+        if path.exists() and any(s >= step for s in _complete_steps(path)):
+            return
+        assert process.poll() is None, process.communicate()[1]
+        time.sleep(0.02)
+    raise TimeoutError(f"step {step} was never logged")
+
+
+def _complete_steps(path: Path) -> list[int]:
+    steps = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record["type"] == "step":
+            steps.append(record["step"])
+    return steps
+
+
+def assert_equal(got, expected, where: str = "") -> None:
+    """Exact equality of nested checkpoint contents (tensors compared bit for bit)."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(got, torch.Tensor) and got.dtype == expected.dtype, where
+        assert torch.equal(got, expected), f"{where} differs"
+    elif isinstance(expected, dict):
+        assert list(got) == list(expected), where
+        for key in expected:
+            assert_equal(got[key], expected[key], f"{where}/{key}")
+    elif isinstance(expected, list | tuple):
+        assert len(got) == len(expected), where
+        for index, (a, b) in enumerate(zip(got, expected)):
+            assert_equal(a, b, f"{where}[{index}]")
+    else:
+        assert got == expected, f"{where}: {got!r} != {expected!r}"
+
+
+def assert_same_run(run_dir: Path, reference: Path) -> None:
+    """run_dir ended exactly like the uninterrupted reference run."""
+    for name in ("student.safetensors", "student_ema.safetensors"):
+        assert_equal(load_file(str(run_dir / name)), load_file(str(reference / name)), name)
+    assert records(run_dir) == records(reference)
+    final = json.loads((run_dir / "final_metrics.json").read_text())
+    assert final == json.loads((reference / "final_metrics.json").read_text())
+    for name in ("last.pt", "best.pt"):
+        got, expected = read_checkpoint(run_dir / name), read_checkpoint(reference / name)
+        for key in ("student", "ema", "optimizer", "scheduler", "state", "rng"):
+            assert_equal(got[key], expected[key], f"{name}/{key}")
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, teacher_checkpoint) -> Path:
+    """The uninterrupted run."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    result = run(run_dir, teacher_checkpoint)
+    assert result.returncode == 0, result.stderr
+    assert logged_steps(run_dir) == list(range(1, STEPS + 1))
+    return run_dir
+
+
+# ---------------------------------------------------------------------------------- interruption
+
+
+def test_sigkill_at_any_moment_then_resume_ends_exactly_like_the_uninterrupted_run(
+    tmp_path, teacher_checkpoint, reference
+):
+    run_dir = tmp_path / "run"
+    resume = {"train.resume": "auto"}
+
+    # 1. killed half-way through writing the checkpoint of step 3: last.pt still holds step 2
+    killed = run(run_dir, teacher_checkpoint, kill="last.pt:3:mid")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert list(run_dir.glob(".last.pt.*.tmp")), "the kill did not interrupt a write"
+    assert read_checkpoint(run_dir / "last.pt")["state"]["global_step"] == 2
+    assert logged_steps(run_dir) == [1, 2, 3]  # step 3 was logged, its checkpoint never landed
+
+    # 2. killed at the end of epoch 1, after best.pt and before last.pt: last.pt holds step 4,
+    #    saved before that epoch's evaluation, so the resumed run evaluates epoch 1 again
+    killed = run(run_dir, teacher_checkpoint, kill="last.pt:3:before", **resume)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not list(run_dir.glob(".*.tmp")), "the half-written file was not cleaned up"
+    last = read_checkpoint(run_dir / "last.pt")["state"]
+    assert (last["global_step"], last["epoch"], last["step_in_epoch"]) == (4, 0, 4)
+    assert read_checkpoint(run_dir / "best.pt")["state"]["epoch"] == 1
+
+    # 3. killed from outside while training, at whatever moment the signal lands
+    process = start(run_dir, teacher_checkpoint, slow=0.1, **resume)
+    wait_for_step(run_dir, 7, process)
+    process.kill()
+    process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    assert not (run_dir / "student.safetensors").exists()
+
+    # 4. killed half-way through writing the final student.safetensors
+    killed = run(run_dir, teacher_checkpoint, kill="student.safetensors:1:mid", **resume)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert list(run_dir.glob(".student.safetensors.*.tmp"))
+    assert not (run_dir / "student.safetensors").exists()
+
+    # 5. resumed to the end
+    finished = run(run_dir, teacher_checkpoint, **resume)
+    assert finished.returncode == 0, finished.stderr
+    assert "resumed from" in finished.stderr
+    assert not list(run_dir.glob(".*.tmp"))
+    assert_same_run(run_dir, reference)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_sigterm_saves_at_the_next_step_boundary_exits_0_and_resume_continues(
+    tmp_path, teacher_checkpoint, reference, signum
+):
+    run_dir = tmp_path / "run"
+    # one loader worker: the signal goes to the whole process group, as a scheduler (or a
+    # terminal's Ctrl-C) sends it
+    process = start(run_dir, teacher_checkpoint, slow=0.3, **{"data.workers": 1})
+    wait_for_step(run_dir, 2, process)
+    os.killpg(process.pid, signum)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert "stop requested: saved" in err
+    stopped_at = read_checkpoint(run_dir / "last.pt")["state"]["global_step"]
+    assert 2 <= stopped_at < STEPS
+    assert logged_steps(run_dir)[-1] == stopped_at, "a step ran after the save, or was lost"
+    assert not (run_dir / "student.safetensors").exists()
+
+    resumed = run(run_dir, teacher_checkpoint, **{"train.resume": "auto"})
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"step {stopped_at}" in resumed.stderr
+    assert_same_run(run_dir, reference)
+
+
+# ---------------------------------------------------------------------------------- failures
+
+
+def _error_line(capsys) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_non_finite_loss_names_the_step_and_parts_and_leaves_the_last_checkpoint(
+    tmp_path, tiny_run, monkeypatch, capsys
+):
+    run_dir = tmp_path / "run"
+    written = []  # sha256 of each checkpoint as it landed
+    save = cskd.training.run.save_atomic
+
+    def recording_save(obj, path):
+        save(obj, path)
+        written.append((Path(path).name, sha256(Path(path))))
+
+    monkeypatch.setattr(cskd.training.run, "save_atomic", recording_save)
+    overrides = {"optim.lr": 1e30, "train.checkpoint_interval": 1, "train.log_interval": 1}
+    assert main(["train", *tiny_run(**overrides)]) == 2
+    line = _error_line(capsys)
+    assert written and all(name == "last.pt" for name, _ in written)
+    step = len(written) + 1  # the checkpoints of steps 1..n landed; step n + 1 failed
+    assert f"non-finite loss at step {step} (epoch 0): " in line
+    for part in ("base=", "token=", "cskd=", "loss=nan"):
+        assert part in line, part
+    assert sha256(run_dir / "last.pt") == written[-1][1], "the last good checkpoint changed"
+    assert read_checkpoint(run_dir / "last.pt")["state"]["global_step"] == step - 1
+    assert logged_steps(run_dir) == list(range(1, step))
+
+
+def test_disk_full_while_saving_is_one_clear_error_and_the_previous_checkpoint_survives(
+    tmp_path, tiny_run, monkeypatch, capsys
+):
+    run_dir = tmp_path / "run"
+    real_save = torch.save
+    calls, before = [], {}
+
+    def full_disk(obj, file, *args, **kwargs):
+        calls.append(file)
+        if len(calls) <= 2:  # the checkpoints of steps 1 and 2 land
+            return real_save(obj, file, *args, **kwargs)
+        before["last.pt"] = sha256(run_dir / "last.pt")
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        file.write(buffer.getvalue()[:4096])  # the disk fills up part-way through
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert main(["train", *tiny_run(**{"train.checkpoint_interval": 1})]) == 2
+    line = _error_line(capsys)
+    assert f"could not write checkpoint {run_dir / 'last.pt'}: No space left on device" in line
+    assert "the previous checkpoint is intact" in line
+    assert sha256(run_dir / "last.pt") == before["last.pt"]
+    assert read_checkpoint(run_dir / "last.pt")["state"]["global_step"] == 2
+    assert not list(run_dir.glob(".*.tmp")), "the partial temporary file was left behind"
+
+
+def test_truncated_or_damaged_checkpoints_are_refused_not_resumed(tmp_path, reference, capsys):
+    good = (reference / "last.pt").read_bytes()
+    weights = read_checkpoint(reference / "last.pt")["student"]["pos_embed"]
+    offset = good.find(weights.numpy().tobytes())
+    assert offset > 0
+    damaged = bytearray(good)
+    damaged[offset + 17] ^= 0x01  # one flipped bit in the student's weights
+    cases = {
+        "truncated": (good[: len(good) // 2], "cannot read checkpoint .* truncated, damaged"),
+        "damaged": (bytes(damaged), "is damaged: its content does not match the digest"),
+    }
+    for name, (data, message) in cases.items():
+        path = tmp_path / f"{name}.pt"
+        path.write_bytes(data)
+        with pytest.raises(CheckpointError, match=message):
+            read_checkpoint(path)
+    # through the command: the run directory's last.pt is damaged
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "last.pt").write_bytes(bytes(damaged))
+    teacher = read_checkpoint(reference / "last.pt")["config"]["teacher"]["checkpoint"]
+    overrides = tiny_overrides(run_dir, teacher, **{**RUN, "train.resume": "auto"})
+    assert main(["train", *overrides]) == 2
+    assert "is damaged" in _error_line(capsys)
+
+
+# ---------------------------------------------------------------------------------- untrusted
+
+
+class Payload:
+    """Unpickling this runs code: it writes a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+def _malicious_files(tmp_path: Path, marker: Path, state: dict) -> dict[str, Path]:
+    files = {}
+    obj = {"model": state, "extra": Payload(marker)}
+    files["zip"] = tmp_path / "zip.pt"
+    torch.save(obj, files["zip"])
+    files["legacy"] = tmp_path / "legacy.pt"
+    torch.save(obj, files["legacy"], _use_new_zipfile_serialization=False)
+    files["pickle"] = tmp_path / "plain.pkl"
+    files["pickle"].write_bytes(pickle.dumps(obj, protocol=2))
+    files["pickle5"] = tmp_path / "plain5.pkl"  # torch's unpickler stops at its first opcode
+    files["pickle5"].write_bytes(pickle.dumps(obj, protocol=5))
+    return files
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the protocol-5 pickle
+def test_a_malicious_pickle_is_refused_and_its_code_never_runs(
+    tmp_path, tiny_run, teacher_checkpoint, capsys
+):
+    control = tmp_path / "control"
+    pickle.loads(pickle.dumps(Payload(control)))
+    assert control.read_text() == "ran", "the payload must be live for this test to mean anything"
+
+    marker = tmp_path / "pwned"
+    teacher_state = torch.load(teacher_checkpoint, weights_only=True)
+    files = _malicious_files(tmp_path, marker, teacher_state)
+    for kind, path in files.items():
+        refusal = "cannot read checkpoint" if kind == "pickle5" else "refused to load .* pickled"
+        with pytest.raises(CheckpointError, match=refusal):
+            read_file(path)
+        assert not marker.exists(), kind
+
+    # as the teacher checkpoint
+    assert main(["train", *tiny_run(**{"teacher.checkpoint": str(files["zip"])})]) == 2
+    line = _error_line(capsys)
+    assert f"refused to load {files['zip']}" in line and "exec" in line
+    # as the checkpoint a run resumes from: train.resume=<path>, and train.resume=auto
+    resume_dir = tmp_path / "resumed"
+    assert main(["train", *tiny_run(**{"train.resume": str(files["legacy"])})]) == 2
+    assert f"refused to load {files['legacy']}" in _error_line(capsys)
+    resume_dir.mkdir()
+    (resume_dir / "last.pt").write_bytes(files["zip"].read_bytes())
+    overrides = tiny_overrides(resume_dir, teacher_checkpoint, **{"train.resume": "auto"})
+    assert main(["train", *overrides]) == 2
+    assert "refused to load" in _error_line(capsys)
+    assert not marker.exists()
+
+
+def test_no_shell_anywhere_and_config_paths_are_taken_literally(
+    tmp_path, tiny_run, monkeypatch, capsys
+):
+    source = Path(__file__).parents[2] / "src" / "cskd"
+    forbidden = re.compile(
+        r"os\.system|os\.popen|shell\s*=\s*True|subprocess|(?<![.\w])(eval|exec)\("
+    )
+    for path in source.rglob("*.py"):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            assert not forbidden.search(line), f"{path.name}:{number}: {line.strip()}"
+
+    monkeypatch.chdir(tmp_path)
+    odd = "$(touch pwned)`touch pwned2`~"
+    overrides = tiny_run(
+        **{"train.output_dir": str(tmp_path / odd), "teacher.checkpoint": f"{odd}/t.pth"}
+    )
+    assert main(["train", *overrides]) == 2
+    assert f"checkpoint {odd}/t.pth does not exist" in _error_line(capsys)
+    assert (tmp_path / odd).is_dir(), "the output directory was not created under its literal name"
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "pwned2").exists()
