@@ -55,7 +55,8 @@ from cskd.method.distiller import normalizer
 from cskd.method.losses import fused_target
 from cskd.teacher.cached import CachedTeacher, mix_with_partner_weights
 from cskd.teacher.store import open_cache
-from cskd.training.build import build_batch_augmentation, build_teacher, seed_everything
+from cskd.training.build import build_batch_augmentation, seed_everything
+from cskd.training.models import build_teacher
 
 CACHES = {  # label -> (teacher.cache_size, teacher.cache_topk)
     "32 px": (32, 0),

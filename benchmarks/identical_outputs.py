@@ -17,6 +17,13 @@ weights' tensors; the cache's shard files; the evaluation's JSON.
     python benchmarks/identical_outputs.py --write   # record docs/results/identical_outputs.json
     python benchmarks/identical_outputs.py           # compare with it: exit 1 naming what differs
 
+A change that is meant to alter the logs in one known way is checked against the old source with
+the changed metric left out of both sides (``PYTHONPATH`` picks the source the runs import)::
+
+    PYTHONPATH=<old checkout>/src python benchmarks/identical_outputs.py --write \
+        --ignore-metric local_weight --results /tmp/old.json
+    python benchmarks/identical_outputs.py --ignore-metric local_weight --results /tmp/old.json
+
 The work directory is fixed (``--work-dir``, default /tmp/cskd_identical_outputs), because
 ``config.yaml`` holds the run's paths. About two minutes on one core.
 """
@@ -35,6 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results" / "identical_outputs.json"
 TIMING_KEYS = ("images_per_s", "epoch_time_s")
+IGNORED: list[str] = []  # metrics left out of the digests (--ignore-metric)
 DATA = [
     "data.train_subset=1000",
     "data.val_split=200",
@@ -82,8 +90,10 @@ def digest(data: bytes) -> str:
 
 
 def without_timing(value):
+    """A metrics record without the timing fields (and the ``--ignore-metric`` keys)."""
     if isinstance(value, dict):
-        return {k: without_timing(v) for k, v in value.items() if k not in TIMING_KEYS}
+        dropped = (*TIMING_KEYS, *IGNORED)
+        return {k: without_timing(v) for k, v in value.items() if k not in dropped}
     if isinstance(value, list):
         return [without_timing(v) for v in value]
     return value
@@ -172,7 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", action="store_true", help="record instead of comparing")
     parser.add_argument("--work-dir", default="/tmp/cskd_identical_outputs")
     parser.add_argument("--results", default=str(RESULTS))
+    parser.add_argument(
+        "--ignore-metric",
+        action="append",
+        default=[],
+        help="leave this metrics.jsonl key out of the digests (a change meant to alter it)",
+    )
     arguments = parser.parse_args(argv)
+    IGNORED[:] = arguments.ignore_metric
     measured = measure(Path(arguments.work_dir))
     results = Path(arguments.results)
     if arguments.write:

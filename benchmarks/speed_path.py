@@ -61,7 +61,8 @@ from cskd.config import load_config
 from cskd.method.adapters import DenseTeacher
 from cskd.teacher.cached import CachedTeacher
 from cskd.teacher.store import TeacherCache, open_cache
-from cskd.training.build import build_student, place_teacher, seed_everything
+from cskd.training.build import seed_everything
+from cskd.training.models import build_student, place_teacher
 from cskd.training.state import TrainState
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,7 +21,7 @@ import torch
 from cskd.config import load_config
 from cskd.data import build_datasets
 from cskd.data.sampling import eval_loader
-from cskd.training.build import load_teacher
+from cskd.training.models import load_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -28,7 +28,7 @@ from common import cpu_model
 from cskd.config import load_config
 from cskd.data import build_datasets
 from cskd.data.sampling import eval_loader
-from cskd.training.build import load_teacher
+from cskd.training.models import load_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
 PRECISIONS = {  # name -> (autocast dtype, classifier in fp32)

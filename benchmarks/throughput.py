@@ -39,11 +39,11 @@ from cskd.training.build import (
     build_batch_augmentation,
     build_distiller,
     build_optimization,
-    build_student,
     scaled_lr,
     seed_everything,
 )
 from cskd.training.engine import Trainer
+from cskd.training.models import build_student
 from cskd.training.state import TrainState
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,8 +122,8 @@ def build_trainer(
 ) -> tuple[Trainer, torch.nn.Module]:
     """A Trainer exactly as :func:`cskd.training.run.train` assembles it (no EMA, no logging)."""
     student = copy.deepcopy(student)
-    lr = scaled_lr(config, config.data.batch_size)
-    optimizer, scheduler = build_optimization(config, student, lr=lr, steps_per_epoch=10_000)
+    lr = scaled_lr(config.optim, config.data.batch_size)
+    optimizer, scheduler = build_optimization(config.optim, student, lr=lr, steps_per_epoch=10_000)
     erasing, mixup = build_batch_augmentation(config, device)
     student_norm = normalizer(config.data.mean, config.data.std, device)
     trained = torch.compile(student) if config.train.compile else student
@@ -139,10 +139,9 @@ def build_trainer(
         epochs=1,
         steps_per_epoch=10_000,
         progress_unit=config.distill.progress,
-        schedule=config.distill.schedule,
         mixup=mixup,
         erasing=erasing,
-        amp_dtype=amp_dtype(config, device),
+        amp_dtype=amp_dtype(config.train, device),
         clip_grad=config.optim.clip_grad,
         student_norm=student_norm,
     )
@@ -234,7 +233,7 @@ def measure_pair(
         "description": pair.description,
         "batch_size": batch_size,
         "image_size": config.data.image_size,
-        "amp": str(amp_dtype(config, device)),
+        "amp": str(amp_dtype(config.train, device)),
         "compile": config.train.compile,
         "channels_last": config.train.channels_last,
         "seconds_per_step": timings,

@@ -13,18 +13,7 @@ import os
 import sys
 
 from .config import describe, dump_config, load_config
-from .data import DataError
-from .errors import (
-    CheckpointError,
-    ConfigError,
-    DistributedError,
-    GridError,
-    NonFiniteLossError,
-    TeacherError,
-)
-
-USER_ERRORS = (ConfigError, DataError, CheckpointError, TeacherError, GridError, NonFiniteLossError)
-USER_ERRORS += (DistributedError,)
+from .errors import USER_ERRORS
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -34,3 +34,15 @@ class DataError(ValueError):
 class CacheError(DataError):
     """A teacher cache is missing, damaged, or was made for another teacher or data; the message
     names the file or the key that differs and how to rebuild it."""
+
+
+# the errors a user can fix: the command prints them as one line and exits 2
+USER_ERRORS = (
+    ConfigError,
+    DataError,
+    CheckpointError,
+    TeacherError,
+    GridError,
+    NonFiniteLossError,
+    DistributedError,
+)

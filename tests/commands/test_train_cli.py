@@ -156,8 +156,8 @@ def test_check_lr_schedule_names_the_setting_that_reaches_the_peak(overrides, ke
     values = {"optim.lr_batch_reference": 8, **overrides}
     config = load_config(None, [f"{k}={v}" for k, v in values.items()])
     with pytest.raises(ConfigError, match=key):
-        check_lr_schedule(config, 8)
-    assert check_lr_schedule(load_config(None, ["optim.lr=1e-3"]), 512) == 1e-3
+        check_lr_schedule(config.optim, 8)
+    assert check_lr_schedule(load_config(None, ["optim.lr=1e-3"]).optim, 512) == 1e-3
 
 
 @pytest.mark.parametrize("unit", ["step", "epoch"])
@@ -244,8 +244,9 @@ def test_the_first_step_after_resuming_with_another_batch_runs_at_the_new_schedu
     optimizer step actually used, and checks the first step after the resume against a
     schedule built for the new batch at that position."""
     from cskd.config import load_config
-    from cskd.training.build import build_optimization, build_student, scaled_lr
+    from cskd.training.build import build_optimization, scaled_lr
     from cskd.training.engine import Trainer
+    from cskd.training.models import build_student
 
     common = {"optim.epochs": 3, "train.log_interval": 1}
     assert main(["train", *tiny_run(**common, **{"train.stop_after_steps": 3})]) == 0
@@ -265,7 +266,7 @@ def test_the_first_step_after_resuming_with_another_batch_runs_at_the_new_schedu
     assert (epoch, step_in_epoch) == (0, 1)
     config = load_config(None, tiny_run(**bigger))
     _, scheduler = build_optimization(
-        config, build_student(config), lr=scaled_lr(config, 16), steps_per_epoch=2
+        config.optim, build_student(config), lr=scaled_lr(config.optim, 16), steps_per_epoch=2
     )
     scheduler.step_update(num_updates=epoch * 2 + step_in_epoch)
     assert lr == pytest.approx(scheduler.optimizer.param_groups[0]["lr"])

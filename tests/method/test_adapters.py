@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 from cskd.errors import CheckpointError, TeacherError
 from cskd.method.adapters import DenseStudent, DenseTeacher, combine_heads
-from cskd.training.build import load_teacher
+from cskd.training.models import load_teacher
 
 TEACHERS = [
     ("resnet18", dict(channels=(8, 16, 32, 64))),

@@ -22,8 +22,8 @@ from cskd.method.distiller import Distiller
 from cskd.method.losses import ObjectiveWeights
 from cskd.teacher.cached import CachedTeacher, mix_with_partner_weights
 from cskd.teacher.store import open_cache
-from cskd.training.build import build_teacher
 from cskd.training.engine import Trainer
+from cskd.training.models import build_teacher
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from common import memory_cache  # noqa: E402  (the benchmarks' in-memory cache)

@@ -33,9 +33,10 @@ from cskd.infra import distributed
 from cskd.method.adapters import rules_for
 from cskd.method.distiller import Distiller, normalizer
 from cskd.method.losses import ObjectiveWeights
-from cskd.training.build import build_optimization, build_student, build_teacher, scaled_lr
+from cskd.training.build import build_optimization, scaled_lr
 from cskd.training.engine import Trainer
 from cskd.training.evaluation import evaluate
+from cskd.training.models import build_student, build_teacher
 from cskd.training.state import TrainState
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -140,7 +141,9 @@ def test_a_two_process_checkpoint_resumes_in_one_process(tmp_path, teacher_check
     # after the resume the lr follows the one-process schedule (4 steps per epoch, 3 epochs)
     config = load_config(None, tiny_overrides(run_dir, teacher_checkpoint, **more))
     student = build_student(config)
-    _, scheduler = build_optimization(config, student, lr=scaled_lr(config, 8), steps_per_epoch=4)
+    _, scheduler = build_optimization(
+        config.optim, student, lr=scaled_lr(config.optim, 8), steps_per_epoch=4
+    )
     for record, position in zip(steps[3:], [7, 8, 9, 10, 11, 12], strict=True):
         scheduler.step_update(num_updates=position)  # epoch x 4 + steps done in the epoch
         assert record["lr"] == pytest.approx(scheduler.optimizer.param_groups[0]["lr"])
@@ -225,7 +228,6 @@ def step_trainer(config, student, teacher) -> Trainer:
         epochs=1,
         steps_per_epoch=1,
         progress_unit="epoch",
-        schedule="linear",
         student_norm=student_norm,
     )
 

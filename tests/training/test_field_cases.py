@@ -438,7 +438,7 @@ def _teacher_state() -> dict:
 def test_teacher_files_of_other_tools_load(tmp_path, form):
     import argparse
 
-    from cskd.training.build import load_teacher
+    from cskd.training.models import load_teacher
 
     state = _teacher_state()
     files = {

@@ -22,7 +22,7 @@ from timm.models import adapt_input_conv
 from cskd.cli import main
 from cskd.config import load_config
 from cskd.errors import CheckpointError, ConfigError
-from cskd.training.build import build_student, load_teacher
+from cskd.training.models import build_student, load_teacher
 
 VIT = "deit_tiny_distilled_patch16_224"
 
@@ -325,7 +325,7 @@ def _val_only_folder(root: Path, classes: int, size: int = 40) -> Path:
 
 def test_an_exported_student_describes_itself_and_rebuilds_from_the_file_alone(tmp_path, tiny_run):
     from cskd.infra.weights import read_export_metadata
-    from cskd.training.build import load_student
+    from cskd.training.models import load_student
 
     assert main(["train", *tiny_run(**{"optim.epochs": 1, "optim.warmup_epochs": 0})]) == 0
     exported = tmp_path / "run" / "student.safetensors"
@@ -387,7 +387,7 @@ def test_cskd_eval_takes_an_exported_file_on_a_val_only_folder_at_another_size(
     from_checkpoint = json.loads(capsys.readouterr().out)
     assert {k: from_checkpoint[k] for k in metrics} == metrics
     # and the model evaluated is the one resampled as timm resamples
-    from cskd.training.build import load_student
+    from cskd.training.models import load_student
 
     saved = _read(tmp_path / "run" / "student.safetensors")["pos_embed"]
     larger = load_student(tmp_path / "run", image_size=48)
@@ -499,7 +499,7 @@ def test_timm_tags_reset_heads_on_request_and_a_teacher_tag_of_other_classes_is_
 ):
     """timm's hub is out of reach here: timm's own pretrained loading reads a local file
     instead (``pretrained_cfg_overlay``), everything else is the real path."""
-    import cskd.training.build
+    import cskd.training.models
 
     source = timm.create_model(VIT, num_classes=1000, **TINY_STUDENT).state_dict()
     save_file(source, str(tmp_path / "hub.safetensors"))
@@ -509,7 +509,7 @@ def test_timm_tags_reset_heads_on_request_and_a_teacher_tag_of_other_classes_is_
         overlay = {"file": str(tmp_path / "hub.safetensors")} if pretrained else None
         return create(name, pretrained=pretrained, pretrained_cfg_overlay=overlay, **kwargs)
 
-    monkeypatch.setattr(cskd.training.build.timm, "create_model", from_local_file)
+    monkeypatch.setattr(cskd.training.models.timm, "create_model", from_local_file)
     values = {
         "student.kwargs": str(TINY_STUDENT).replace("'", ""),
         "student.pretrained_tag": "fb_in1k",

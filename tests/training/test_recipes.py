@@ -20,14 +20,8 @@ from cskd.config import get_value, load_config, to_dict
 from cskd.errors import ConfigError
 from cskd.method.adapters import DenseStudent, DenseTeacher
 from cskd.method.distiller import Distiller
-from cskd.training.build import (
-    amp_dtype,
-    build_student,
-    build_teacher,
-    check_lr_schedule,
-    scaled_lr,
-    teacher_amp_dtype,
-)
+from cskd.training.build import amp_dtype, check_lr_schedule, scaled_lr
+from cskd.training.models import build_student, build_teacher, teacher_amp_dtype
 from cskd.training.run import train
 from cskd.training.state import read_checkpoint
 
@@ -218,18 +212,18 @@ def test_imagenet_recipe_batch_lr_and_drop_path_match_the_release(name):
     settings = RUNS[name][-1]
     global_batch = config.data.batch_size * GPUS
     assert global_batch == settings["global_batch"]
-    assert scaled_lr(config, global_batch) == pytest.approx(settings["lr"])
+    assert scaled_lr(config.optim, global_batch) == pytest.approx(settings["lr"])
     assert config.student.drop_path == settings["drop_path"]
-    assert check_lr_schedule(config, global_batch) == pytest.approx(settings["lr"])
+    assert check_lr_schedule(config.optim, global_batch) == pytest.approx(settings["lr"])
 
 
 @pytest.mark.parametrize("name", sorted(RUNS))
 def test_imagenet_recipe_precision_is_the_release_s_teacher_and_bf16_student(name):
     config = load_config(IMAGENET / name)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert teacher_amp_dtype(config, cuda) == torch.float16  # as released
-    assert teacher_amp_dtype(config, cpu) == torch.float32
-    assert amp_dtype(config, cuda) == torch.bfloat16  # the stated deviation
+    assert teacher_amp_dtype(config.teacher, cuda) == torch.float16  # as released
+    assert teacher_amp_dtype(config.teacher, cpu) == torch.float32
+    assert amp_dtype(config.train, cuda) == torch.bfloat16  # the stated deviation
     assert "Deviations from the release: " in header(
         IMAGENET / name
     ) or "Deviations from DeiT: " in header(IMAGENET / name)
@@ -307,7 +301,7 @@ def test_exponent_floats_are_read_as_floats():
     """PyYAML reads 1e-3 as a string; the schema turns it into the float the user meant."""
     config = load_config(IMAGENET / "deit_small_cskd.yaml", ["optim.lr=1e-3"])
     assert config.optim.lr == 1e-3
-    assert scaled_lr(config, 1024) == pytest.approx(2e-3)
+    assert scaled_lr(config.optim, 1024) == pytest.approx(2e-3)
 
 
 def test_missing_imagenet_folder_is_one_clear_line(tmp_path):
@@ -437,8 +431,8 @@ def test_imagenet_recipe_trains_20_steps_on_real_photos_at_224_px(
         weights = [steps[0]["local_weight"], steps[-1]["local_weight"]]
         assert weights[0] == expected[0]
         assert expected[1] is None or weights[1] == expected[1]
-    else:
-        assert not any("cskd" in record for record in steps)
+    else:  # a(t) is the objective's, reported only where the method weighs by it
+        assert not any("cskd" in record or "local_weight" in record for record in steps)
     training_maps = [shapes for shapes in teacher_maps if shapes[0] == (224, 224)]
     assert len(training_maps) == steps_total  # a CNN teacher gives its 7 x 7 map under DeiT too
     assert {shapes[1] for shapes in training_maps} == {(7, 7)}

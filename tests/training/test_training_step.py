@@ -12,8 +12,8 @@ from cskd.config import load_config
 from cskd.data.sampling import EpochSampler
 from cskd.errors import TeacherError
 from cskd.method.distiller import normalizer
-from cskd.training.build import build_student
 from cskd.training.engine import Trainer
+from cskd.training.models import build_student
 
 
 def test_the_teacher_owns_its_normalisation_and_renormalises_the_students_input():
@@ -56,7 +56,8 @@ def test_the_teacher_grid_is_probed_once_per_size():
 
 
 def test_distiller_gives_the_teacher_its_own_normalisation(tiny_run):
-    from cskd.training.build import build_distiller, build_teacher
+    from cskd.training.build import build_distiller
+    from cskd.training.models import build_teacher
 
     config = load_config(
         None,
@@ -146,7 +147,7 @@ def test_drop_path_reaches_the_timm_model(tiny_run, rate):
 
 def test_place_teacher_makes_it_channels_last_and_compiles_it_with_the_student(tiny_run):
     from cskd.config import load_config
-    from cskd.training.build import build_teacher, place_teacher
+    from cskd.training.models import build_teacher, place_teacher
 
     images = torch.randn(2, 3, 32, 32)
     plain = load_config(None, tiny_run(**{"teacher.memory_format": "contiguous"}))

@@ -29,6 +29,7 @@ from ..infra.checkpoint import atomic_write, is_atomic_temporary
 from ..infra.runlog import setup_logging
 from ..teacher.cached import run_expectations
 from ..teacher.store import (
+    CONFIG_KEYS,
     HEADER,
     FullImageTransform,
     finished_shard,
@@ -39,7 +40,7 @@ from ..teacher.store import (
     write_shard,
 )
 from ..training import preflight
-from ..training.build import build_teacher, place_teacher
+from ..training.models import build_teacher, place_teacher
 
 log = logging.getLogger("cskd")
 SETTINGS = "build.json"  # the header's settings, written before the first shard
@@ -183,23 +184,6 @@ def _stored(logits: torch.Tensor, sizes: torch.Tensor, settings: dict) -> dict[s
     return arrays
 
 
-# settings -> the config key that sets them, for the messages
-SETTING_KEYS = {
-    "cache_size": "teacher.cache_size",
-    "map_grid": "teacher.cache_size",
-    "topk": "teacher.cache_topk",
-    "dtype": "teacher.cache_dtype",
-    "shard_size": "teacher.cache_shard_size",
-    "interpolation": "augment.interpolation",
-    "teacher_kwargs": "teacher.kwargs",
-    "teacher_mean": "teacher.mean",
-    "teacher_std": "teacher.std",
-    "teacher_precision": "teacher.amp",
-    "train_grid": "data.image_size",
-    "images": "data.*",
-}
-
-
 def _check_directory(directory: Path, settings: dict) -> tuple[dict, bool]:
     """Check ``directory`` for a build with ``settings``; returns the settings to build with (a
     started cache keeps its teacher batch) and whether it is complete. Writes nothing.
@@ -221,7 +205,7 @@ def _check_directory(directory: Path, settings: dict) -> tuple[dict, bool]:
         settings = {**settings, "batch": recorded.get("batch", settings["batch"])}
         differing = [k for k, v in settings.items() if recorded.get(k) != v]
         if differing:
-            keys = ", ".join(sorted({SETTING_KEYS.get(k, k) for k in differing}))
+            keys = ", ".join(sorted({CONFIG_KEYS.get(k, k) for k in differing}))
             raise CacheError(
                 f"teacher.cache={directory} holds a cache built with other settings ({keys} "
                 "differ): choose another teacher.cache, or delete the directory to rebuild it"

@@ -27,7 +27,7 @@ from ..infra.weights import load_adapted
 from ..method.adapters import DenseStudent
 from ..method.distiller import normalizer
 from ..training import diagnostics
-from ..training.build import build_student, build_teacher
+from ..training.models import build_student, build_teacher
 from ..training.state import read_checkpoint
 from .eval import RULES_FOR_SAVED
 

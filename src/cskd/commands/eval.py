@@ -20,8 +20,9 @@ from ..infra.weights import load_adapted, read_export_metadata, read_state_dict,
 from ..method.adapters import rules_for
 from ..method.distiller import normalizer
 from ..training import preflight
-from ..training.build import amp_dtype, build_student
+from ..training.build import amp_dtype
 from ..training.evaluation import evaluate_with_ema
+from ..training.models import build_student
 from ..training.state import read_checkpoint
 
 log = logging.getLogger("cskd")
@@ -110,7 +111,7 @@ def evaluate_checkpoint(config: Config | list[str] | None, checkpoint_path: str 
             rules_for(student),
             device,
             norm,
-            amp_dtype(config, device),
+            amp_dtype(config.train, device),
             config,
         )
     finally:

@@ -12,6 +12,9 @@ from ..method.adapters import INFERENCE_RULES
 from ..method.losses import LOSS_KINDS, METHODS
 from ..method.schedules import PROGRESS_UNITS, SCHEDULES
 
+# the datasets data.build knows (a new one is added there and here)
+DATASETS = ("folder", "fashion_mnist", "translated_fashion_mnist", "synthetic")
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -51,7 +54,7 @@ class StudentConfig:
     inference_rule: str = setting(
         "auto",
         choices=("auto", *INFERENCE_RULES),
-        help="auto (the method's own) | cls | cls+dist | cls+dist+patch",
+        help="auto (the method's own) | " + " | ".join(INFERENCE_RULES),
     )
     checkpoint: str = setting(
         "",
@@ -126,8 +129,8 @@ class TeacherConfig:
 class DataConfig:
     dataset: str = setting(
         "folder",
-        choices=("folder", "fashion_mnist", "translated_fashion_mnist", "synthetic"),
-        help="folder (ImageNet layout) | fashion_mnist | translated_fashion_mnist | synthetic",
+        choices=DATASETS,
+        help=" | ".join(DATASETS) + " (folder: train/ and val/ class folders, ImageNet's layout)",
     )
     root: str = setting(
         "",
@@ -206,16 +209,22 @@ class AugmentConfig:
 
 @dataclass
 class DistillConfig:
-    method: str = setting("cskd", choices=METHODS, help="none | deit | cskd")
+    method: str = setting("cskd", choices=METHODS, help=" | ".join(METHODS))
     alpha: float = setting(
         0.5, bound="probability", help="token-loss weight; base loss gets 1 - alpha"
     )
-    token_kind: str = setting("hard", choices=LOSS_KINDS, help="DeiT token loss: hard | soft")
-    cskd_kind: str = setting("hard", choices=LOSS_KINDS, help="CSKD loss: hard | soft")
+    token_kind: str = setting(
+        "hard", choices=LOSS_KINDS, help="DeiT token loss: " + " | ".join(LOSS_KINDS)
+    )
+    cskd_kind: str = setting(
+        "hard", choices=LOSS_KINDS, help="CSKD loss: " + " | ".join(LOSS_KINDS)
+    )
     cskd_weight: float = setting(
         1.0, bound="non_negative", help="weight of the CSKD loss (1.0 as released)"
     )
-    schedule: str = setting("linear", choices=SCHEDULES, help="linear | x2 | cos | dense | global")
+    schedule: str = setting(
+        "linear", choices=SCHEDULES, help="the CKF schedule a(t): " + " | ".join(SCHEDULES)
+    )
     progress: str = setting("epoch", choices=PROGRESS_UNITS, help="epoch (as released) | step")
     tau: float = setting(1.0, bound="positive", help="temperature of the soft losses")
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from ..config.schema import DATASETS
 from ..errors import DataError
 from .fashion_mnist import FASHION_MNIST_ROOT, FashionMNIST, TranslatedFashionMNIST
 from .folder import ImageFolderDataset, check_class_folders
@@ -124,10 +125,7 @@ def _split_maker(data_cfg: Any) -> tuple[Callable[[str, Transform], Dataset], st
 
         official_val_split = "val"
     else:
-        raise DataError(
-            f"unknown data.dataset={kind!r}: use 'folder', 'fashion_mnist', "
-            "'translated_fashion_mnist' or 'synthetic'"
-        )
+        raise DataError(f"unknown data.dataset={kind!r}: use one of {', '.join(DATASETS)}")
 
     return make, official_val_split
 

@@ -48,16 +48,38 @@ from ..infra.checkpoint import atomic_write
 FORMAT = "cskd-teacher-cache"
 VERSION = 1
 HEADER = "cache.json"
-# what must agree between a cache and a run that uses it: header key -> the config key to name
-MUST_MATCH = {  # the most specific first: a change of image size also changes synthetic data
+# every header key -> the config key that sets it, for the messages (one table for the run's
+# check and for `cskd cache`'s check of a started directory)
+CONFIG_KEYS = {
     "teacher_name": "teacher.name",
     "image_size": "data.image_size",
+    "train_grid": "data.image_size",
     "num_classes": "data.num_classes",
     "teacher_weights_sha256": "teacher.checkpoint / teacher.pretrained_tag (the weights)",
     "teacher_mean": "teacher.mean",
     "teacher_std": "teacher.std",
+    "teacher_kwargs": "teacher.kwargs",
+    "teacher_precision": "teacher.amp",
     "data_digest": "data.* (the training images, subset and labels)",
+    "images": "data.*",
+    "cache_size": "teacher.cache_size",
+    "map_grid": "teacher.cache_size",
+    "topk": "teacher.cache_topk",
+    "dtype": "teacher.cache_dtype",
+    "shard_size": "teacher.cache_shard_size",
+    "interpolation": "augment.interpolation",
 }
+# what must agree between a cache and a run that uses it, the most specific first: a change of
+# image size also changes synthetic data
+MUST_MATCH = (
+    "teacher_name",
+    "image_size",
+    "num_classes",
+    "teacher_weights_sha256",
+    "teacher_mean",
+    "teacher_std",
+    "data_digest",
+)
 
 
 class FullImageTransform:
@@ -203,12 +225,12 @@ def read_header(directory: str | os.PathLike) -> dict:
 def check_header(header: dict, expected: dict, *, path: str | os.PathLike) -> None:
     """CacheError naming the first of :data:`MUST_MATCH` where ``header`` and ``expected``
     (what this run would write) differ, and the fix."""
-    for key, config_key in MUST_MATCH.items():
+    for key in MUST_MATCH:
         if header.get(key) != expected.get(key):
             raise CacheError(
                 f"teacher cache {path} was made with another {key.replace('_', ' ')} "
                 f"({_short(header.get(key))}, this run: {_short(expected.get(key))}; set by "
-                f"{config_key}): rebuild it with `cskd cache` for this recipe, or point "
+                f"{CONFIG_KEYS[key]}): rebuild it with `cskd cache` for this recipe, or point "
                 "teacher.cache at a new directory"
             )
 

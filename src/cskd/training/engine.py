@@ -22,7 +22,7 @@ from ..errors import NonFiniteLossError
 from ..infra.distributed import all_reduce_sum
 from ..method.adapters import TeacherOutput
 from ..method.distiller import Distiller
-from ..method.schedules import local_weight, training_progress
+from ..method.schedules import training_progress
 from ..teacher.cached import CachedTeacher, mix_with_partner_weights
 from .state import TrainState
 
@@ -38,7 +38,6 @@ class Trainer:
     epochs: int
     steps_per_epoch: int
     progress_unit: str
-    schedule: str
     mixup: Callable | None = None
     erasing: Callable | None = None
     ema: nn.Module | None = None
@@ -117,7 +116,6 @@ class Trainer:
             num_updates=state.epoch * self.steps_per_epoch + state.step_in_epoch
         )
         parts["progress"] = progress
-        parts.setdefault("local_weight", local_weight(progress, self.schedule))
         return parts
 
 

@@ -44,7 +44,7 @@ def write_final_outputs(
 
 def export_description(config: Config, classes: list[str]) -> dict[str, str]:
     """What an exported student says about itself (:func:`cskd.infra.weights.export_metadata`):
-    enough to rebuild it (:func:`cskd.training.build.load_student`) and feed it images."""
+    enough to rebuild it (:func:`cskd.training.models.load_student`) and feed it images."""
     size = config.data.image_size
     return export_metadata(
         timm_name=config.student.name,

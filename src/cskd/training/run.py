@@ -35,16 +35,14 @@ from .build import (
     build_distiller,
     build_eval_loaders,
     build_optimization,
-    build_student,
-    build_teacher,
     build_train_loader,
     check_lr_schedule,
-    place_teacher,
     seed_everything,
     wrap_for_training,
 )
 from .engine import Trainer
 from .evaluation import EpochEvaluation, epoch_line, rule_top1, update_best
+from .models import build_student, build_teacher, place_teacher
 from .outputs import write_final_outputs
 from .state import TrainState, checkpoint_state, prepare_run_dir, resume_path, resume_run
 
@@ -99,9 +97,9 @@ def train(config: Config) -> dict:
 
 def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest) -> dict:
     global_batch = config.data.batch_size * info.world_size
-    lr = check_lr_schedule(config, global_batch)
+    lr = check_lr_schedule(config.optim, global_batch)
     preflight.check_models(config)  # names and kwargs, on the meta device: before any writing
-    run_dir = distributed.together(prepare_run_dir, config, is_main=info.is_main)
+    run_dir = distributed.together(prepare_run_dir, config.train, is_main=info.is_main)
     setup_logging(rank=info.rank, log_file=run_dir / "train.log")
     device = info.device
     seed_everything(config.train.seed)  # the same initial weights (and EMA) on every rank
@@ -111,7 +109,7 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
     sampler, loader, steps_per_epoch = build_train_loader(config, train_set, info)
     val_loader, test_loader = build_eval_loaders(config, val_set, info)
 
-    fresh = resume_path(config, run_dir) is None  # a resumed run's weights come from last.pt
+    fresh = resume_path(config.train, run_dir) is None  # a resumed run's weights come from last.pt
     student = distributed.together(build_student, config, initial_weights=fresh).to(device)
     teacher = distributed.together(build_teacher, config)
     if teacher is not None:
@@ -128,9 +126,9 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
     seed_everything(config.train.seed + info.rank)  # each rank its own dropout, Mixup, erasing
 
     optimizer, scheduler = build_optimization(
-        config, student, lr=lr, steps_per_epoch=steps_per_epoch
+        config.optim, student, lr=lr, steps_per_epoch=steps_per_epoch
     )
-    dtype = amp_dtype(config, device)
+    dtype = amp_dtype(config.train, device)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     erasing, mixup = build_batch_augmentation(config, device)
     student_norm = normalizer(config.data.mean, config.data.std, device)
@@ -197,7 +195,6 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
         epochs=config.optim.epochs,
         steps_per_epoch=steps_per_epoch,
         progress_unit=config.distill.progress,
-        schedule=config.distill.schedule,
         mixup=mixup,
         erasing=erasing,
         ema=ema,

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import Config, to_dict
+from ..config import Config, TrainConfig, to_dict
 from ..data.sampling import resume_step, sample_seed
 from ..errors import CheckpointError, ConfigError
 from ..infra import distributed
@@ -32,18 +32,18 @@ RESULTS = ("last.pt", "best.pt", "student.safetensors", "final_metrics.json")  #
 SCHEDULE_KEYS = ("epochs", "warmup_epochs", "warmup_lr", "min_lr", "schedule_unit")
 
 
-def prepare_run_dir(config: Config, *, is_main: bool) -> Path:
+def prepare_run_dir(train: TrainConfig, *, is_main: bool) -> Path:
     """Create the run directory; refuse one that holds another run unless resuming/overwriting."""
-    run_dir = Path(config.train.output_dir)
+    run_dir = Path(train.output_dir)
     # a run that never reached a checkpoint (died at step 1, say) holds nothing to lose
     holds_run = any((run_dir / name).exists() for name in RESULTS)
-    if holds_run and not config.train.resume and not config.train.overwrite:
+    if holds_run and not train.resume and not train.overwrite:
         raise ConfigError(
             f"train.output_dir {run_dir} already holds a run: pass train.resume=auto to continue "
             "it, train.overwrite=true to replace it, or choose another train.output_dir"
         )
     if is_main:
-        if holds_run and config.train.overwrite and not config.train.resume:
+        if holds_run and train.overwrite and not train.resume:
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(run_dir)  # of checkpoint writes a kill interrupted
@@ -124,17 +124,17 @@ def read_checkpoint(path: str | Path) -> dict:
 
 def resume_checkpoint(config: Config, run_dir: Path) -> tuple[Path | None, dict | None]:
     """The checkpoint to resume from (path and contents), or ``(None, None)`` for a fresh run."""
-    source = resume_path(config, run_dir)
+    source = resume_path(config.train, run_dir)
     return source, read_checkpoint(source) if source is not None else None
 
 
-def resume_path(config: Config, run_dir: Path) -> Path | None:
-    if not config.train.resume:
+def resume_path(train: TrainConfig, run_dir: Path) -> Path | None:
+    if not train.resume:
         return None
-    if config.train.resume == "auto":
+    if train.resume == "auto":
         last = run_dir / "last.pt"
         return last if last.exists() else None
-    return Path(config.train.resume)
+    return Path(train.resume)
 
 
 def resume_run(
