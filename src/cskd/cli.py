@@ -47,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint; prints JSON")
     evaluate.add_argument("--config", help="YAML recipe (default: the checkpoint's own config)")
     evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument(
+        "--classes-by-name",
+        action="store_true",
+        help="data whose classes are some of the model's: score each image under the model's "
+        "label of its class name (without it, other class names are refused)",
+    )
     evaluate.add_argument("overrides", nargs="*", help="section.key=value overrides")
     diagnose = commands.add_parser(
         "diagnose", help="teacher-map, student-agreement and attention diagnostics of a run"
@@ -78,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
             from .commands.eval import evaluate_checkpoint
 
             config = load_config(args.config, args.overrides) if args.config else args.overrides
-            metrics = evaluate_checkpoint(config, args.checkpoint)
+            metrics = evaluate_checkpoint(
+                config, args.checkpoint, classes_by_name=args.classes_by_name
+            )
             if _rank() == 0:
                 print(json.dumps(metrics, indent=2))
         elif args.command == "config":

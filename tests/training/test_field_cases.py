@@ -296,7 +296,7 @@ def test_resuming_into_more_epochs_follows_the_longer_schedule(tmp_path, tiny_ru
     assert [resumed[step] for step in later] == pytest.approx([planned[step] for step in later])
     assert min(resumed[step] for step in later[:4]) > 1.5e-6  # not stuck at min_lr (1e-6)
     assert (
-        "resuming with another schedule (optim.epochs 2 -> 4)"
+        "resuming with other settings than the saved run (optim.epochs 2 -> 4)"
         in (tmp_path / "run" / "train.log").read_text()
     )
 

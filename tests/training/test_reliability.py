@@ -293,6 +293,38 @@ def test_sigterm_saves_at_the_next_step_boundary_exits_0_and_resume_continues(
     assert_same_run(run_dir, reference)
 
 
+def test_resume_after_the_training_set_grew_follows_the_new_schedule_and_says_so(
+    tmp_path, teacher_checkpoint
+):
+    """A run stopped by SIGTERM and resumed on a larger training set: the learning rate follows
+    the schedule of the new length (as an uninterrupted run on that set has it), and the
+    resumed run names every setting that changed, never silently."""
+    run_dir = tmp_path / "run"
+    process = start(run_dir, teacher_checkpoint, slow=0.3)
+    wait_for_step(run_dir, 2, process)
+    os.killpg(process.pid, signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    stopped = read_checkpoint(run_dir / "last.pt")["state"]
+    assert stopped["epoch"] == 0 and stopped["global_step"] < 4  # stopped in the first epoch
+
+    grown = {"data.synthetic_size": 64}  # 8 steps per epoch instead of 4
+    resumed = run(run_dir, teacher_checkpoint, **grown, **{"train.resume": "auto"})
+    assert resumed.returncode == 0, resumed.stderr
+    assert "data.synthetic_size 32 -> 64" in resumed.stderr
+    assert "steps per epoch 4 -> 8" in resumed.stderr
+    uninterrupted = run(tmp_path / "grown", teacher_checkpoint, **grown)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+
+    def rates(directory: Path, epoch: int) -> list[float]:
+        steps = [r for r in records(directory) if r["type"] == "step" and r["epoch"] == epoch]
+        return [r["lr"] for r in steps]
+
+    for epoch in (1, 2):  # wholly after the resume: the same positions of the same schedule
+        assert rates(run_dir, epoch) == rates(tmp_path / "grown", epoch), epoch
+    assert len(rates(run_dir, 2)) == 8
+
+
 # ---------------------------------------------------------------------------------- failures
 
 

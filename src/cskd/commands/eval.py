@@ -9,11 +9,12 @@ import os
 from pathlib import Path
 
 from timm.utils import ModelEmaV3
+from torch.utils.data import Dataset
 
 from ..config import Config, apply_overrides, from_dict
 from ..data import build_eval_set
 from ..data.sampling import eval_loader
-from ..errors import CheckpointError
+from ..errors import CheckpointError, DataError
 from ..infra import distributed
 from ..infra.runlog import setup_logging
 from ..infra.weights import load_adapted, read_export_metadata, read_state_dict, resolve_source
@@ -34,27 +35,112 @@ RULES_FOR_SAVED = ["student.inference_rule=auto", "train.best_rule=auto"]
 
 def read_saved(checkpoint_path: str | Path) -> tuple[Path, dict, dict, dict | None]:
     """The file to evaluate (a run directory means its ``last.pt``, else its exported student),
-    its config (a dict), its weights ``{"student", "ema" (or None)}`` and, for an exported
-    student, its metadata. :class:`~cskd.errors.CheckpointError` for a ``.safetensors`` file
-    that cskd did not write."""
+    its config (a dict), its weights ``{"student", "ema" (or None), "class_names" (the training
+    classes in label order, or None for a checkpoint saved before they were recorded)}`` and, for
+    an exported student, its metadata. :class:`~cskd.errors.CheckpointError` for a
+    ``.safetensors`` file that cskd did not write."""
     path = Path(checkpoint_path)
     if path.is_dir():
         path = path / "last.pt" if (path / "last.pt").is_file() else resolve_source(path)
     exported = read_export_metadata(path) if path.suffix == ".safetensors" else None
     if exported is not None:
         state, _ = read_state_dict(path)
-        return path, config_of_export(exported), {"student": state, "ema": None}, exported
+        states = {"student": state, "ema": None, "class_names": exported["class_names"]}
+        return path, config_of_export(exported), states, exported
     if path.suffix == ".safetensors":
         raise CheckpointError(
             f"{path} carries no cskd export metadata: evaluate a training checkpoint (last.pt) "
             "or a student.safetensors written by cskd train"
         )
     checkpoint = read_checkpoint(path)
-    states = {"student": checkpoint["student"], "ema": checkpoint.get("ema")}
+    states = {
+        "student": checkpoint["student"],
+        "ema": checkpoint.get("ema"),
+        "class_names": checkpoint.get("class_names"),
+    }
     return path, checkpoint["config"], states, None
 
 
-def evaluate_checkpoint(config: Config | list[str] | None, checkpoint_path: str | Path) -> dict:
+class ClassesByName(Dataset):
+    """``dataset`` with each target renumbered to the model's label of the same class name:
+    ``self[i]["target"] == model_classes.index(dataset.classes[dataset[i]["target"]])``."""
+
+    def __init__(self, dataset: Dataset, model_classes: list[str]) -> None:
+        self.dataset = dataset
+        self.classes = list(model_classes)
+        self.mapping = [self.classes.index(name) for name in dataset.classes]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.dataset[index]
+        sample["target"] = self.mapping[sample["target"]]
+        return sample
+
+
+def class_difference(trained: list[str], found: list[str]) -> str:
+    """How the data's classes ``found`` differ from the model's ``trained`` (both in label
+    order), for a message: the first few missing and extra names, or the first label whose name
+    differs; "" when they are the same list."""
+    if trained == found:
+        return ""
+    missing = [name for name in trained if name not in found]
+    extra = [name for name in found if name not in trained]
+    parts = (
+        [f"missing {', '.join(missing[:3])}{'...' if len(missing) > 3 else ''}"] if missing else []
+    )
+    parts += [f"extra {', '.join(extra[:3])}{'...' if len(extra) > 3 else ''}"] if extra else []
+    if not parts:
+        label = next(i for i, (a, b) in enumerate(zip(trained, found, strict=True)) if a != b)
+        parts = [f"label {label} is {trained[label]!r} in the model but {found[label]!r} here"]
+    return "; ".join(parts)
+
+
+def match_classes(
+    dataset: Dataset, trained: list[str] | None, *, by_name: bool, num_classes: int
+) -> tuple[Dataset, dict | None]:
+    """The dataset to score and, when matched by name, what the report says about it.
+
+    The data's classes must be the model's, in the same label order; else
+    :class:`~cskd.errors.DataError` naming the first differences. ``by_name`` scores a data
+    set whose classes are some of the model's, each image under the model's label of its class
+    name. ``trained`` None or empty (a checkpoint saved before class names were recorded): only the
+    number of classes can be checked."""
+    found = [str(name) for name in getattr(dataset, "classes", None) or []]
+    if not trained:
+        log.warning("this checkpoint predates recorded class names: only their number is checked")
+        if len(found) != num_classes:
+            raise DataError(
+                f"the model has {num_classes} classes but the data has {len(found)}: evaluate on "
+                "data with the model's classes"
+            )
+        return dataset, None
+    difference = class_difference(trained, found)
+    if not difference:
+        return dataset, None
+    unknown = [name for name in found if name not in trained]
+    if by_name and not unknown:
+        log.warning(f"classes matched by name: {len(found)} of the model's {len(trained)}")
+        return ClassesByName(dataset, trained), {"matched_by_name": found, "of": len(trained)}
+    if by_name:
+        raise DataError(
+            f"--classes-by-name: the data's classes {', '.join(unknown[:3])} are not among the "
+            f"model's {len(trained)} classes: leave them out of data.root"
+        )
+    raise DataError(
+        f"the data's classes differ from the model's ({difference}): evaluate on data with the "
+        "model's class names, or pass --classes-by-name to score each image under the model's "
+        "label of its class name (every data class must be one of the model's)"
+    )
+
+
+def evaluate_checkpoint(
+    config: Config | list[str] | None,
+    checkpoint_path: str | Path,
+    *,
+    classes_by_name: bool = False,
+) -> dict:
     """Metrics of saved weights under every rule (and of their EMA weights, when saved).
 
     ``checkpoint_path``: a cskd training checkpoint (``last.pt``, ``best.pt``), a run directory
@@ -63,6 +149,8 @@ def evaluate_checkpoint(config: Config | list[str] | None, checkpoint_path: str 
     checkpoint's own config (an exported student's: its model and normalisation, with
     ``data.dataset=folder``, so ``data.root=FOLDER`` is all it needs; only ``val/`` is read).
     ``data.image_size`` may differ from training: a ViT's position embeddings are resampled.
+    The data's class names must be the model's (:func:`match_classes`; ``classes_by_name``
+    scores a subset of them by name, and the result's ``"classes"`` says so).
     """
     path, saved_config, states, exported = read_saved(checkpoint_path)
     if config is None or isinstance(config, list):  # the saved config, plus overrides
@@ -76,12 +164,13 @@ def evaluate_checkpoint(config: Config | list[str] | None, checkpoint_path: str 
     )
     setup_logging(rank=info.rank)  # what was adapted (another image size) goes to stderr
     device = info.device
-    val_set = build_eval_set(config.data, config.augment)
-    if exported is not None and list(val_set.classes or []) != exported["class_names"]:
-        log.warning(
-            f"the model was trained on classes {exported['class_names'][:5]}... but the data has "
-            f"{list(val_set.classes)[:5]}...: accuracy assumes both are in the same order"
-        )
+    val_set = build_eval_set(config.data, config.augment, check_num_classes=False)
+    val_set, matched = match_classes(
+        val_set,
+        states["class_names"],
+        by_name=classes_by_name,
+        num_classes=config.data.num_classes,
+    )
     loader = eval_loader(
         val_set,
         batch_size=config.data.eval_batch_size or 2 * config.data.batch_size,
@@ -104,7 +193,7 @@ def evaluate_checkpoint(config: Config | list[str] | None, checkpoint_path: str 
         )
     norm = normalizer(config.data.mean, config.data.std, device)
     try:
-        return evaluate_with_ema(
+        metrics = evaluate_with_ema(
             student,
             ema,
             loader,
@@ -114,6 +203,7 @@ def evaluate_checkpoint(config: Config | list[str] | None, checkpoint_path: str 
             amp_dtype(config.train, device),
             config,
         )
+        return {**metrics, "classes": matched} if matched else metrics
     finally:
         distributed.shutdown()
 

@@ -185,15 +185,16 @@ def build_datasets(data_cfg: Any, augment_cfg: Any) -> tuple[Dataset, Dataset]:
     return train, val
 
 
-def build_eval_set(data_cfg: Any, augment_cfg: Any) -> Dataset:
+def build_eval_set(data_cfg: Any, augment_cfg: Any, *, check_num_classes: bool = True) -> Dataset:
     """The validation set alone, as :func:`build_datasets` gives it; with ``data.val_split`` 0
     only the official split is read (an image folder needs only ``val/``). Raises DataError
-    when its classes are not ``data.num_classes``."""
+    when its classes are not ``data.num_classes`` (``check_num_classes=False``: the caller
+    compares the class names itself, as ``cskd eval`` does)."""
     if data_cfg.val_split:
         return build_datasets(data_cfg, augment_cfg)[1]
     make, official_val_split = _split_maker(data_cfg)
     val = make(official_val_split, _eval_transform(data_cfg, augment_cfg))
-    if len(val.classes) != data_cfg.num_classes:
+    if check_num_classes and len(val.classes) != data_cfg.num_classes:
         raise DataError(
             f"data.num_classes={data_cfg.num_classes} but the {data_cfg.dataset} "
             f"{official_val_split} split has {len(val.classes)} classes: evaluate on data with "

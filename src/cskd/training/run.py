@@ -173,6 +173,8 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
         f"{steps_per_epoch} steps/epoch x {config.optim.epochs} epochs"
     )
 
+    class_names = [str(name) for name in getattr(train_set, "classes", None) or []]
+
     def save(name: str) -> None:
         if info.is_main:
             blob = checkpoint_state(
@@ -184,6 +186,8 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
                 scaler=scaler,
                 state=state,
                 global_batch=global_batch,
+                steps_per_epoch=steps_per_epoch,
+                class_names=class_names,
             )
             save_atomic(blob, run_dir / name)
 
@@ -248,7 +252,7 @@ def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest)
             state=state,
             last=final,
             test=test,
-            classes=list(getattr(train_set, "classes", None) or []),
+            classes=class_names,
         )
     metrics_writer.close()
     return final

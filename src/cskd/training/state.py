@@ -29,7 +29,6 @@ RESULTS = ("last.pt", "best.pt", "student.safetensors", "final_metrics.json")  #
 
 
 # optim keys that define the learning-rate schedule (a timm scheduler's saved state holds them)
-SCHEDULE_KEYS = ("epochs", "warmup_epochs", "warmup_lr", "min_lr", "schedule_unit")
 
 
 def prepare_run_dir(train: TrainConfig, *, is_main: bool) -> Path:
@@ -81,10 +80,13 @@ def checkpoint_state(
     scaler: torch.amp.GradScaler | None,
     state: TrainState,
     global_batch: int,
+    steps_per_epoch: int,
+    class_names: list[str],
 ) -> dict:
     """What ``last.pt`` / ``best.pt`` hold: weights (raw and EMA), optimizer, scheduler and
     scaler state, the run's position (:class:`TrainState`), rank 0's random streams, the global
-    batch, the config, and the teacher's name and path (never its weights)."""
+    batch, the config, the training classes in label order (``cskd eval`` refuses data with
+    other names), and the teacher's name and path (never its weights)."""
     return {
         "student": student.state_dict(),
         "ema": ema.module.state_dict() if ema is not None else None,
@@ -102,7 +104,9 @@ def checkpoint_state(
         },
         "rng": rng_state(),  # rank 0's
         "global_batch": global_batch,  # state.step_in_epoch counts steps of this many images
+        "steps_per_epoch": steps_per_epoch,
         "config": to_dict(config),
+        "class_names": list(class_names),
         "teacher": {
             "name": config.teacher.name,
             "checkpoint": config.teacher.checkpoint,
@@ -192,10 +196,13 @@ def restore(
     global_batch: int,
     steps_per_epoch: int,
 ) -> TrainState:
-    """Load a training checkpoint into the built student, EMA, optimizer, scheduler (a timm
-    scheduler) and scaler; returns the state to continue from. With another
-    global batch the epoch resumes at the step covering the same images and the schedule is
-    rebuilt; the random streams are rank 0's, other ranks start new ones."""
+    """Load a training checkpoint into the built student, EMA, optimizer and scaler; returns the
+    state to continue from. The learning-rate schedule is never read from the checkpoint: the
+    one built from this run's config is moved to the resumed position, as timm's train.py does,
+    so a run resumed with more images, another batch or other epochs follows the schedule of
+    its new length. Every setting that differs from the saved run's is named in one warning.
+    With another global batch the epoch resumes at the step covering the same images; the
+    random streams are rank 0's, other ranks start new ones."""
     preflight.check_resume(checkpoint, path=source, config=config, student=student, ema=ema)
     student.load_state_dict(checkpoint["student"])
     if ema is not None and checkpoint.get("ema") is not None:
@@ -205,34 +212,45 @@ def restore(
         scaler.load_state_dict(checkpoint["scaler"])
     state = TrainState(**checkpoint["state"])
     saved_batch = checkpoint.get("global_batch", global_batch)
-    saved_schedule = {k: checkpoint["config"]["optim"].get(k) for k in SCHEDULE_KEYS}
-    schedule = {k: getattr(config.optim, k) for k in SCHEDULE_KEYS}
-    if saved_schedule != schedule:  # e.g. more epochs: the schedule follows the new config
-        changed = ", ".join(
-            f"optim.{k} {saved_schedule[k]} -> {schedule[k]}"
-            for k in SCHEDULE_KEYS
-            if saved_schedule[k] != schedule[k]
-        )
-        log.warning(
-            f"resuming with another schedule ({changed}): the learning rate and a(t) follow the "
-            f"new one from epoch {state.epoch}, step {state.step_in_epoch}"
-        )
+    saved_steps = checkpoint.get("steps_per_epoch", steps_per_epoch)
     if saved_batch != global_batch:  # another world size or batch: the epoch's images kept
         state.step_in_epoch = resume_step(
             state.step_in_epoch, saved_global_batch=saved_batch, global_batch=global_batch
         )
-        log.info(
-            f"global batch {saved_batch} -> {global_batch}: epoch {state.epoch} resumes at "
-            f"step {state.step_in_epoch} of {steps_per_epoch}"
+    changes = changed_settings(checkpoint["config"], to_dict(config))
+    if saved_batch != global_batch:
+        changes.append(f"global batch {saved_batch} -> {global_batch}")
+    if saved_steps != steps_per_epoch:
+        changes.append(f"steps per epoch {saved_steps} -> {steps_per_epoch}")
+    if changes:
+        log.warning(
+            f"resuming with other settings than the saved run ({'; '.join(changes)}): they "
+            f"apply from epoch {state.epoch} step {state.step_in_epoch} of {steps_per_epoch}, "
+            "and the learning rate and a(t) follow the schedule they give"
         )
-    if saved_schedule == schedule and saved_batch == global_batch:
-        scheduler.load_state_dict(checkpoint["scheduler"])  # else rebuilt for the new run
     set_rng_state(checkpoint["rng"])
     if rank:  # the checkpoint holds rank 0's random streams; the others start new ones
         seed_everything(sample_seed(config.train.seed, state.global_step, rank, 2**32 - 2))
     scheduler.step_update(num_updates=state.epoch * steps_per_epoch + state.step_in_epoch)
     log.info(f"resumed from {source} at epoch {state.epoch} step {state.global_step}")
     return state
+
+
+def changed_settings(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """``"key old -> new"`` for every config key whose value differs between the saved run's
+    config and this one (both as :func:`~cskd.config.to_dict` gives them), leaving out the
+    keys that only say how to start (``train.resume``, ``train.overwrite``)."""
+    changes = []
+    for key in current.keys() | saved.keys():
+        name = f"{prefix}{key}"
+        old, new = saved.get(key), current.get(key)
+        if name in ("train.resume", "train.overwrite") or old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict) and prefix == "":
+            changes += changed_settings(old, new, f"{name}.")
+        else:
+            changes.append(f"{name} {old} -> {new}")
+    return sorted(changes)
 
 
 @dataclass
