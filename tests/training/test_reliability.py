@@ -325,6 +325,68 @@ def test_resume_after_the_training_set_grew_follows_the_new_schedule_and_says_so
     assert len(rates(run_dir, 2)) == 8
 
 
+def _one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.startswith("cskd ")]
+    assert len(lines) == 1, stderr[-2000:]
+    return lines[0]
+
+
+def test_a_second_run_on_a_live_run_directory_is_refused_and_a_dead_one_is_taken_over(
+    tmp_path, teacher_checkpoint, reference
+):
+    run_dir = tmp_path / "run"
+    first = start(run_dir, teacher_checkpoint, slow=1.0)  # about 12 s of steps
+    wait_for_step(run_dir, 1, first)
+    for second in ({"train.resume": "auto"}, {"train.overwrite": True}):
+        refused = run(run_dir, teacher_checkpoint, **second)
+        assert first.poll() is None, "the first run ended before the second was tried"
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        line = _one_error_line(refused.stderr)
+        assert f"in use by a live run (process {first.pid} on " in line, line
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert logged_steps(run_dir) == list(range(1, STEPS + 1))  # no second writer's lines
+    assert_same_run(run_dir, reference)
+    assert not (run_dir / ".cskd.lock").exists(), "the lock outlived its run"
+
+    # a run killed outright leaves its lock; the next run reports it and takes it over
+    killed_dir = tmp_path / "killed"
+    process = start(killed_dir, teacher_checkpoint, slow=0.3)
+    wait_for_step(killed_dir, 2, process)
+    process.kill()
+    process.communicate(timeout=60)
+    assert (killed_dir / ".cskd.lock").exists()
+    resumed = run(killed_dir, teacher_checkpoint, **{"train.resume": "auto"})
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"taking over the lock of a dead run: process {process.pid} on " in resumed.stderr
+    assert not (killed_dir / ".cskd.lock").exists()
+
+
+def test_a_failed_run_leaves_no_directory_behind(tmp_path, teacher_checkpoint):
+    run_dir = tmp_path / "run"
+    failed = run(run_dir, teacher_checkpoint, **{"teacher.checkpoint": tmp_path / "absent.pth"})
+    assert failed.returncode == 2, failed.stderr[-2000:]
+    assert "absent.pth" in _one_error_line(failed.stderr)
+    assert not run_dir.exists(), list(run_dir.iterdir())
+
+
+def test_an_output_dir_that_is_a_file_or_cannot_be_created_is_one_line(
+    tmp_path, tiny_run, monkeypatch, capsys
+):
+    (tmp_path / "run").write_text("not a directory")
+    assert main(["train", *tiny_run()]) == 2
+    assert "is a file, not a directory" in _error_line(capsys)
+
+    def read_only(self, *args, **kwargs):
+        raise PermissionError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    overrides = tiny_run(**{"train.output_dir": tmp_path / "ro" / "run"})
+    assert main(["train", *overrides]) == 2
+    line = _error_line(capsys)
+    assert "cannot create train.output_dir" in line and "Read-only file system" in line
+
+
 # ---------------------------------------------------------------------------------- failures
 
 

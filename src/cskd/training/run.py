@@ -44,7 +44,7 @@ from .engine import Trainer
 from .evaluation import EpochEvaluation, epoch_line, rule_top1, update_best
 from .models import build_student, build_teacher, place_teacher
 from .outputs import write_final_outputs
-from .state import TrainState, checkpoint_state, prepare_run_dir, resume_path, resume_run
+from .state import TrainState, checkpoint_state, claimed_run_dir, resume_path, resume_run
 
 log = logging.getLogger("cskd")
 
@@ -82,8 +82,15 @@ def train(config: Config) -> dict:
         timeout_s=config.train.dist_timeout_s,
     )
     try:
-        with StopRequest() as stop:
-            final = _train(config, info, stop)
+        global_batch = config.data.batch_size * info.world_size
+        lr = check_lr_schedule(config.optim, global_batch)
+        preflight.check_models(config)  # names and kwargs, on the meta device: before any writing
+        distributed.together(preflight.check_data_source, config.data)
+        with (
+            StopRequest() as stop,
+            claimed_run_dir(config.train, is_main=info.is_main) as run_dir,
+        ):
+            final = _train(config, info, stop, run_dir=run_dir, global_batch=global_batch, lr=lr)
     except Exception as error:
         if info.enabled:  # torchrun interleaves the ranks' output: say which rank this is
             log.error(
@@ -95,16 +102,19 @@ def train(config: Config) -> dict:
     return final
 
 
-def _train(config: Config, info: distributed.DistributedInfo, stop: StopRequest) -> dict:
-    global_batch = config.data.batch_size * info.world_size
-    lr = check_lr_schedule(config.optim, global_batch)
-    preflight.check_models(config)  # names and kwargs, on the meta device: before any writing
-    run_dir = distributed.together(prepare_run_dir, config.train, is_main=info.is_main)
+def _train(
+    config: Config,
+    info: distributed.DistributedInfo,
+    stop: StopRequest,
+    *,
+    run_dir: Path,
+    global_batch: int,
+    lr: float,
+) -> dict:
     setup_logging(rank=info.rank, log_file=run_dir / "train.log")
     device = info.device
     seed_everything(config.train.seed)  # the same initial weights (and EMA) on every rank
 
-    distributed.together(preflight.check_data_source, config.data)
     train_set, val_set = distributed.together(build_datasets, config.data, config.augment)
     sampler, loader, steps_per_epoch = build_train_loader(config, train_set, info)
     val_loader, test_loader = build_eval_loaders(config, val_set, info)
