@@ -387,6 +387,73 @@ def test_an_output_dir_that_is_a_file_or_cannot_be_created_is_one_line(
     assert "cannot create train.output_dir" in line and "Read-only file system" in line
 
 
+def _children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_a_loader_worker_killed_mid_run_ends_the_run_in_one_line_and_it_resumes(
+    tmp_path, teacher_checkpoint
+):
+    """What the kernel's OOM killer does to a loader worker: the run must exit (no hang), say
+    in one line what happened and what to change, and keep last.pt to resume from."""
+    run_dir = tmp_path / "run"
+    process = start(run_dir, teacher_checkpoint, slow=0.5, **{"data.workers": 2})
+    wait_for_step(run_dir, 2, process)
+    workers = _children(process.pid)
+    assert len(workers) >= 2, workers
+    os.kill(workers[0], signal.SIGKILL)
+    _, err = process.communicate(timeout=120)  # a hang fails here
+    assert process.returncode == 2, err[-3000:]
+    line = _one_error_line(err)
+    assert "a data-loading worker died" in line and "data.workers" in line, line
+    assert "train.resume=auto" in line, line
+    assert "Traceback" not in err
+    assert read_checkpoint(run_dir / "last.pt")["state"]["global_step"] >= 2
+    resumed = run(run_dir, teacher_checkpoint, **{"train.resume": "auto"})
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+
+def _image_folder(root: Path, *, classes: int, per_class: int) -> Path:
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for label in range(classes):
+            directory = root / split / f"class_{label}"
+            directory.mkdir(parents=True)
+            for index in range(per_class):
+                pixels = (torch.rand(32, 32, 3, generator=generator) * 255).to(torch.uint8)
+                Image.fromarray(pixels.numpy()).save(directory / f"{index}.png")
+    return root
+
+
+def test_a_corrupt_image_the_preflight_did_not_sample_is_one_line_from_a_worker(
+    tmp_path, tiny_run, monkeypatch, capsys
+):
+    import cskd.training.preflight
+
+    root = _image_folder(tmp_path / "images", classes=4, per_class=4)
+    corrupt = root / "train" / "class_1" / "2.png"  # not among the 2 evenly spaced files checked
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"damaged" * 20)
+    monkeypatch.setattr(cskd.training.preflight, "SCAN_LIMIT", 2)
+    overrides = {
+        "data.dataset": "folder",
+        "data.root": root,
+        "data.workers": 2,
+        "augment.repeated_aug": False,
+    }
+    started = time.monotonic()
+    assert main(["train", *tiny_run(**overrides)]) == 2
+    err = capsys.readouterr().err
+    assert "2 train images checked" in err  # the pre-flight's sample missed the file
+    lines = [line for line in err.splitlines() if ": error: " in line]
+    assert len(lines) == 1, err[-3000:]
+    line = lines[0]
+    assert str(corrupt) in line and "data.skip_corrupt=true" in line, line
+    assert "Traceback" not in line and "worker" not in line.split(str(corrupt))[0], line
+    assert time.monotonic() - started < 120
+
+
 # ---------------------------------------------------------------------------------- failures
 
 

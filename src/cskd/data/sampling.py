@@ -10,6 +10,8 @@ same order and reproduces the same crops, flips and RandAugment choices.
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import random
 import signal
 from collections.abc import Iterator
@@ -18,6 +20,8 @@ import numpy as np
 import torch
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from ..errors import USER_ERRORS, DataError
 
 
 def sample_seed(seed: int, epoch: int, rank: int, position: int) -> int:
@@ -135,6 +139,53 @@ def _ignore_termination(worker_id: int = 0) -> None:
     (``train.StopRequest``); the main process ends its workers itself."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _kill_loader_workers() -> None:
+    """At exit, SIGKILL the daemonic child processes still alive (the loader workers; the
+    interpreter would end them anyway): they ignore SIGTERM, so its own clean-up (SIGTERM, then
+    wait) would wait forever when a run ends on an error that left a loader unclosed."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(timeout=10)
+
+
+atexit.register(_kill_loader_workers)  # runs before multiprocessing's (registered earlier)
+
+
+def worker_failure(error: BaseException) -> Exception | None:
+    """The one-line error for a failure inside a loader worker, or None for any other error.
+
+    A worker that died (the kernel's OOM killer, a segfault in a decoder) becomes a
+    :class:`~cskd.errors.DataError` that says what it usually means and how to go on; a user
+    error raised in a worker (a corrupt image) keeps its type and its own message, without the
+    worker's traceback that PyTorch puts in front of it."""
+    text = str(error)
+    reason = None
+    if isinstance(error, RuntimeError) and text.startswith("DataLoader worker ("):
+        reason = text.splitlines()[0].split(". ")[0].rstrip(".")
+    elif isinstance(error, EOFError | ConnectionError) and _raised_by_a_loader(error):
+        reason = f"its connection closed mid-batch: {type(error).__name__}"  # killed mid-send
+    if reason is not None:
+        return DataError(
+            f"a data-loading worker died ({reason}): this usually means the machine ran out of "
+            "memory - lower data.workers or data.batch_size; last.pt holds the run up to its "
+            "last checkpoint (resume it with train.resume=auto)"
+        )
+    if isinstance(error, USER_ERRORS) and " in DataLoader worker process " in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        return type(error)(last.split(": ", 1)[1] if ": " in last else last)
+    return None
+
+
+def _raised_by_a_loader(error: BaseException) -> bool:
+    frame = error.__traceback__
+    while frame is not None:
+        if frame.tb_frame.f_code.co_filename.endswith("torch/utils/data/dataloader.py"):
+            return True
+        frame = frame.tb_next
+    return False
 
 
 def _worker_init(worker_id: int) -> None:

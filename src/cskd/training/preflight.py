@@ -233,7 +233,7 @@ def check_student_input(student: torch.nn.Module, *, image_size: int, name: str)
 
 
 def check_images(
-    dataset: Dataset, *, split: str, skip_corrupt: bool, workers: int, limit: int = SCAN_LIMIT
+    dataset: Dataset, *, split: str, skip_corrupt: bool, workers: int, limit: int | None = None
 ) -> int:
     """Decode the split's image files (all, or an evenly spaced ``limit`` of them); raise
     :class:`DataError` naming the first corrupt one, or, with ``skip_corrupt``, log how many will
@@ -241,6 +241,7 @@ def check_images(
     paths = getattr(dataset, "paths", None)
     if not paths:
         return 0
+    limit = SCAN_LIMIT if limit is None else limit
     if len(paths) > limit:
         paths = [paths[i] for i in torch.linspace(0, len(paths) - 1, limit).long().tolist()]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:

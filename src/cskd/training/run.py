@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ..config import Config, dump_config
 from ..data import build_datasets
-from ..data.sampling import EpochSampler
+from ..data.sampling import EpochSampler, worker_failure
 from ..infra import distributed
 from ..infra.checkpoint import save_atomic
 from ..infra.runlog import MetricsWriter, setup_logging
@@ -91,13 +91,16 @@ def train(config: Config) -> dict:
             claimed_run_dir(config.train, is_main=info.is_main) as run_dir,
         ):
             final = _train(config, info, stop, run_dir=run_dir, global_batch=global_batch, lr=lr)
-    except Exception as error:
+    except Exception as caught:
+        error = worker_failure(caught) or caught
         if info.enabled:  # torchrun interleaves the ranks' output: say which rank this is
             log.error(
                 f"rank {info.rank} of {info.world_size} failed: {type(error).__name__}: {error}",
                 extra={"all_ranks": True},
             )
-        raise  # the process exits; torchrun then stops the other ranks
+        if error is not caught:
+            raise error from None  # the process exits; torchrun then stops the other ranks
+        raise
     distributed.shutdown()
     return final
 
