@@ -4,6 +4,7 @@ refusing a stale or damaged one, rebuilding the exact view's targets, and traini
 from __future__ import annotations
 
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -283,6 +284,57 @@ def test_mixed_targets_take_the_partners_cells_in_proportion():
     expected[:, :, :2] = maps.flip(0)[:, :, :2]
     expected[:, :, 2:] = 0.75 * maps[:, :, 2:] + 0.25 * maps.flip(0)[:, :, 2:]
     torch.testing.assert_close(out.dense_logits, expected)
+    # DeiT's token target (the global logits) is the mixed image's too, not the unmixed one's
+    torch.testing.assert_close(out.global_logits, expected.mean(dim=(2, 3)))
+    assert not torch.allclose(out.global_logits, maps.mean(dim=(2, 3)))
+
+
+def test_a_cached_run_erases_and_mixes_the_students_input_as_an_online_run_does():
+    """The cache changes where the teacher's targets come from, nothing else: the same loader
+    batch under the same random state gives the student the same erased, mixed images and
+    soft labels with and without it."""
+    from timm.data.random_erasing import RandomErasing
+
+    maps = torch.randn(4, 3, 4, 4)
+    cached = tiny_cache(maps, sizes=torch.full((4, 2), 32), grid=(4, 4))
+    batch = {
+        "image": torch.rand(4, 3, 32, 32),
+        "target": torch.tensor([0, 1, 2, 0]),
+        "index": torch.arange(4),
+        "crop": torch.tensor([[0, 0, 32, 32]] * 4, dtype=torch.float32),
+        "flip": torch.zeros(4, dtype=torch.bool),
+    }
+    norm = (torch.full((1, 3, 1, 1), 0.5), torch.full((1, 3, 1, 1), 0.25))
+
+    def prepared(cached_teacher):
+        trainer = Trainer(
+            distiller=None,
+            optimizer=None,
+            scheduler=None,
+            device=torch.device("cpu"),
+            epochs=1,
+            steps_per_epoch=1,
+            progress_unit="epoch",
+            mixup=Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, num_classes=3),
+            erasing=RandomErasing(probability=1.0, mode="pixel", device="cpu"),
+            student_norm=norm,
+            cached_teacher=cached_teacher,
+        )
+        torch.manual_seed(5)
+        np.random.seed(5)
+        random.seed(5)  # timm's RandomErasing draws its boxes from Python's generator
+        return trainer.prepare({key: value.clone() for key, value in batch.items()})
+
+    online_images, online_targets, _ = prepared(None)
+    cached_images, cached_targets, teacher_output = prepared(cached)
+    torch.testing.assert_close(cached_images, online_images, rtol=0, atol=0)
+    torch.testing.assert_close(cached_targets, online_targets, rtol=0, atol=0)
+    plain = (batch["image"] - norm[0]) / norm[1]
+    mixed_only = (1 - 0.5) * plain + 0.5 * plain.flip(0)  # any mixing of unerased images
+    assert not torch.allclose(cached_images, plain) and not torch.allclose(
+        cached_images, mixed_only
+    )
+    assert teacher_output is not None and teacher_output.dense_logits.shape == (4, 3, 4, 4)
 
 
 # ----------------------------------------------------------------------------- training
@@ -437,6 +489,14 @@ def test_a_corrupt_photo_stops_the_build_in_one_line_and_the_rerun_completes(tmp
     assert header["images"] == 12 and len(header["shards"]) == 3
     sizes = arrays(cache)["sizes"]
     assert sizes.shape == (12, 2) and len({tuple(size) for size in sizes.tolist()}) > 1
+    # each stored size is the original photo's (height, width), in the training set's order
+    from PIL import Image
+
+    classes = sorted((root / "train").iterdir())
+    files = [path for folder in classes for path in sorted(folder.iterdir())]
+    expected = [[Image.open(path).height, Image.open(path).width] for path in files]
+    assert any(height != width for height, width in expected)  # a swap would show
+    assert sizes.tolist() == expected
 
 
 # ------------------------------------------------------------ found by the fresh-user review

@@ -140,3 +140,28 @@ def test_translated_object_mask_covers_the_garment_only():
     assert not outside.any()
     image = dataset[4]["image"][0]
     assert (image[mask] > 0.09).all()  # the garment's own pixels
+
+
+def test_the_diagnostics_give_the_teacher_its_own_normalisation():
+    import timm
+    from conftest import TINY_TEACHER
+
+    from cskd.method.adapters import DenseTeacher
+    from cskd.training.diagnostics import Probe
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=4, **TINY_TEACHER).eval()
+    teacher_mean, teacher_std = (0.2, 0.3, 0.4), (0.1, 0.2, 0.3)
+    teacher = DenseTeacher(model, check_size=32, mean=teacher_mean, std=teacher_std)
+    seen = []
+    stem = model.conv1  # the first layer sees exactly the teacher's input
+    stem.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].clone()))
+    pixels = torch.rand(3, 3, 32, 32)
+    dataset = [{"image": image, "target": 0} for image in pixels]
+    student_norm = (torch.full((1, 3, 1, 1), 0.5), torch.full((1, 3, 1, 1), 0.5))
+    probe = Probe(dataset, count=3, student_norm=student_norm, schedule="linear")
+    result = probe.measure(torch.nn.Identity(), teacher, progress=0.0)
+    assert "teacher" in result and seen
+    mean = torch.tensor(teacher_mean).view(1, 3, 1, 1)
+    std = torch.tensor(teacher_std).view(1, 3, 1, 1)
+    torch.testing.assert_close(seen[-1], (pixels - mean) / std)
