@@ -2,7 +2,7 @@
 GPU) the release's way of running a step against this library's.
 
 For one student/teacher pair, one CSKD trainer per *way* is built through the real code
-(``cskd.training.run`` builders and ``place_teacher``, ``Trainer.step``) from the same initial student
+(``cskd.training.build`` / ``cskd.training.models`` builders and ``place_teacher``, ``Trainer.step``) from the same initial student
 weights and the same frozen teacher, on one fixed synthetic batch with random crop boxes and
 flips. The ways are timed interleaved (each repetition runs every way once), so a slow phase of
 a shared machine hits them all alike; reported are the median images/s (min-max) and the median

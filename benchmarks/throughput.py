@@ -1,7 +1,7 @@
 """Training throughput of the student alone, DeiT distillation and CSKD, side by side.
 
 For each student/teacher pair, three trainers are built from the same config through the real code
-(``cskd.training.run`` builders, :class:`cskd.method.distiller.Distiller`, :meth:`cskd.training.engine.Trainer.step`), with
+(``cskd.training.build`` / ``cskd.training.models`` builders, :class:`cskd.method.distiller.Distiller`, :meth:`cskd.training.engine.Trainer.step`), with
 the same initial student weights, the same frozen teacher and the same synthetic batch. The timed
 blocks are interleaved (rep 1: none, deit, cskd, teacher forward; rep 2: ...), so slow phases of a
 shared machine hit every method alike; the report gives the median images/s over repetitions, the

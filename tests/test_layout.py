@@ -68,3 +68,22 @@ def test_the_public_api_names_resolve():
     for name in cskd.__all__:
         assert getattr(cskd, name) is not None, name
     assert cskd.train.__module__ == "cskd.training.run"
+
+
+def test_every_user_error_and_command_is_public():
+    """A new error class or command cannot be forgotten in ``cskd/__init__.py:_HOMES``, nor an
+    error class in ``errors.USER_ERRORS`` (the one line and exit status 2)."""
+    import cskd
+    import cskd.errors
+
+    errors = [
+        value
+        for value in vars(cskd.errors).values()
+        if isinstance(value, type)
+        and issubclass(value, Exception)
+        and value.__module__ == "cskd.errors"
+    ]
+    assert all(issubclass(error, cskd.errors.USER_ERRORS) for error in errors), errors
+    missing = [error.__name__ for error in errors if error.__name__ not in cskd.__all__]
+    commands = {"evaluate_checkpoint", "build_cache", "diagnose_run", "run_demo", "train"}
+    assert not missing and commands <= set(cskd.__all__), missing

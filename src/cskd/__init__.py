@@ -3,7 +3,8 @@
 The public API, importable from ``cskd`` directly (each loaded on first use, so that
 ``import cskd.errors`` or the rank helpers do not load torch and timm):
 
-- running: :func:`load_config`, :func:`train`, :func:`evaluate_checkpoint`, :func:`build_cache`
+- running: :func:`load_config`, :func:`train`, :func:`evaluate_checkpoint`, :func:`build_cache`,
+  :func:`diagnose_run`, :func:`run_demo`
 - models: :class:`DenseTeacher`, :class:`DenseStudent`, :func:`load_teacher`,
   :func:`load_student`, :func:`combine_heads`
 - the method: :class:`Distiller`, :func:`objective`, :class:`ObjectiveWeights`,
@@ -22,6 +23,8 @@ _HOMES = {
     "train": "cskd.training.run",
     "evaluate_checkpoint": "cskd.commands.eval",
     "build_cache": "cskd.commands.cache",
+    "diagnose_run": "cskd.commands.diagnose",
+    "run_demo": "cskd.commands.demo",
     "DenseTeacher": "cskd.method.adapters",
     "DenseStudent": "cskd.method.adapters",
     "TeacherOutput": "cskd.method.adapters",

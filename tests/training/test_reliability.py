@@ -31,7 +31,7 @@ import torch
 from conftest import tiny_overrides
 from safetensors.torch import load_file
 
-import cskd.training.run
+import cskd.training.state
 from cskd.cli import main
 from cskd.errors import CheckpointError
 from cskd.infra.checkpoint import read_file
@@ -468,13 +468,13 @@ def test_non_finite_loss_names_the_step_and_parts_and_leaves_the_last_checkpoint
 ):
     run_dir = tmp_path / "run"
     written = []  # sha256 of each checkpoint as it landed
-    save = cskd.training.run.save_atomic
+    save = cskd.training.state.save_atomic
 
     def recording_save(obj, path):
         save(obj, path)
         written.append((Path(path).name, sha256(Path(path))))
 
-    monkeypatch.setattr(cskd.training.run, "save_atomic", recording_save)
+    monkeypatch.setattr(cskd.training.state, "save_atomic", recording_save)
     overrides = {"optim.lr": 1e30, "train.checkpoint_interval": 1, "train.log_interval": 1}
     assert main(["train", *tiny_run(**overrides)]) == 2
     line = _error_line(capsys)

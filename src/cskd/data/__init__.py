@@ -12,16 +12,16 @@ batches::
 
 The crop box and flip let the training step map cached per-image teacher outputs onto the
 augmented view. Random erasing and Mixup/CutMix are not applied here: they run on the device
-batch. Random transforms draw from the global ``torch``, ``random`` and ``numpy`` generators
-(as torchvision and timm do), which the DataLoader seeds per worker, so seeding makes runs
-reproducible.
+batch. Random transforms draw from the global ``torch``, ``random`` and ``numpy`` generators (as
+torchvision and timm do), which ``sampling.SeededSamples`` seeds per sample from (run seed, epoch,
+rank, position), so augmentation depends neither on the workers nor on where a run resumed.
 
 Sources: an ImageNet-style folder tree (``root/train/<class>/*.JPEG``, ``root/val/<class>/...``),
 Fashion-MNIST from the Debian package ``dataset-fashion-mnist`` (or torchvision's download), and
 a synthetic, learnable, deterministic set for smoke tests. :func:`build_datasets` builds the
 (train, val) pair from the configuration.
 
-Modules: ``sample`` (the sample dict and :class:`DataError`), ``transforms``, ``fashion_mnist``,
+Modules: ``sample`` (the sample dict), ``transforms``, ``fashion_mnist``,
 ``folder``, ``synthetic``, ``build`` (subsets, held-out splits, the builders) and ``sampling``
 (reproducible ``(index, seed)`` order and the loaders).
 """

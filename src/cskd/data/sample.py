@@ -1,4 +1,4 @@
-"""The sample every dataset returns (see :mod:`cskd.data`) and the data error."""
+"""The sample every dataset returns (see :mod:`cskd.data`)."""
 
 from __future__ import annotations
 

@@ -121,7 +121,8 @@ def dataset_identity(dataset: Dataset) -> list[Any]:
     if not hasattr(dataset, "identity"):
         raise CacheError(
             f"{type(dataset).__name__} cannot say which images it holds, so a teacher cache "
-            "cannot be checked against it: use a folder, Fashion-MNIST or synthetic dataset"
+            "cannot be checked against it: give it an identity() method (docs/design.md, "
+            "'Where to add')"
         )
     parts.append([type(dataset).__name__, dataset.identity()])
     return parts

@@ -1,1 +1,3 @@
-"""A training run: its assembly and epoch loop (run), the factories (build), the saved state and resume (state), the step (engine), evaluation, the pre-flight and the diagnostics."""
+"""A training run: its assembly and epoch loop (run), the models (models), the other factories
+(build), the saved state and resume (state), the step (engine), evaluation, the final outputs
+(outputs), the pre-flight and the diagnostics."""

@@ -16,14 +16,14 @@ output directory holding another run (no resume/overwrite)    ``training.state.p
 missing or empty data directory                               :func:`check_data_source`
 class folders that differ between train and val               ``data.check_class_folders``
 data.num_classes unlike the data's classes                    ``data.build_datasets``
-missing, unreadable or code-carrying checkpoint               ``checkpoint.read_file``
-checkpoint of another architecture or number of classes       ``weights.check_state_fits``
-initial weights that cannot be adapted (depth, width)         ``weights.init_from``
-teacher file whose classes are not the data's                 ``models.load_teacher`` (names the
-                                                              refit recipe)
-timm hub weights that cannot be fetched (offline, bad tag)    ``models.create_pretrained``
+missing, unreadable or code-carrying checkpoint               ``infra.checkpoint.read_file``
+checkpoint of another architecture or number of classes       ``infra.weights.check_state_fits``
+initial weights that cannot be adapted (depth, width)         ``infra.weights.init_from``
+teacher file whose classes are not the data's                 ``training.models.load_teacher``
+                                                              (names the refit recipe)
+timm hub weights that cannot be fetched (offline, bad tag)    ``training.models.create_pretrained``
 teacher mean/std of another channel count                     ``config.load_config``
-teacher head that cannot give dense logits (ConvNeXt)         ``models.DenseTeacher``
+teacher head that cannot give dense logits (ConvNeXt)         ``method.adapters.DenseTeacher``
 student built for another image size                          :func:`check_student_input`
 student grid smaller than the teacher's                       :func:`check_run` (``align``)
 corrupt or truncated image                                    :func:`check_images`
@@ -53,8 +53,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..config import Config, DataConfig
-from ..data import DataError
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..infra.weights import check_state_fits
 from ..method.adapters import DenseStudent, DenseTeacher
 from ..method.align import check_grids

@@ -1,8 +1,8 @@
-"""Training and evaluation runs, assembled from one builder per feature.
+"""A training run, assembled from one builder per feature.
 
-``train(config)`` reads top to bottom: process group, run directory, data, models, optimisation,
-augmentation on the device, resume, then the epoch loop of train / evaluate / checkpoint, and at
-the end ``student.safetensors``. ``evaluate_checkpoint`` re-measures a saved checkpoint.
+``train(config)`` reads top to bottom: process group, checks before anything is written, the run
+directory (locked), data, models, optimisation, augmentation on the device, resume, then
+:class:`EpochLoop` (train / evaluate / checkpoint), and at the end ``student.safetensors``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +24,6 @@ from ..config import Config, dump_config
 from ..data import build_datasets
 from ..data.sampling import EpochSampler, worker_failure
 from ..infra import distributed
-from ..infra.checkpoint import save_atomic
 from ..infra.runlog import MetricsWriter, setup_logging
 from ..method.distiller import normalizer
 from ..teacher.cached import open_cached_teacher
@@ -44,7 +43,7 @@ from .engine import Trainer
 from .evaluation import EpochEvaluation, epoch_line, rule_top1, update_best
 from .models import build_student, build_teacher, place_teacher
 from .outputs import write_final_outputs
-from .state import TrainState, checkpoint_state, claimed_run_dir, resume_path, resume_run
+from .state import Checkpoints, TrainState, claimed_run_dir, resume_path, resume_run
 
 log = logging.getLogger("cskd")
 
@@ -188,21 +187,20 @@ def _train(
 
     class_names = [str(name) for name in getattr(train_set, "classes", None) or []]
 
-    def save(name: str) -> None:
-        if info.is_main:
-            blob = checkpoint_state(
-                config,
-                student=student,
-                ema=ema,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                scaler=scaler,
-                state=state,
-                global_batch=global_batch,
-                steps_per_epoch=steps_per_epoch,
-                class_names=class_names,
-            )
-            save_atomic(blob, run_dir / name)
+    checkpoints = Checkpoints(
+        config,
+        run_dir=run_dir,
+        is_main=info.is_main,
+        student=student,
+        ema=ema,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        state=state,
+        global_batch=global_batch,
+        steps_per_epoch=steps_per_epoch,
+        class_names=class_names,
+    )
 
     trainer = Trainer(
         distiller=distiller,
@@ -248,7 +246,7 @@ def _train(
         state=state,
         writer=metrics_writer,
         stop=stop,
-        save=save,
+        checkpoints=checkpoints,
         run_dir=run_dir,
         show_progress=info.is_main and sys.stderr.isatty(),
     )
@@ -283,7 +281,7 @@ class EpochLoop:
     state: TrainState
     writer: MetricsWriter
     stop: StopRequest
-    save: Callable[[str], None]  # writes last.pt / best.pt (rank 0)
+    checkpoints: Checkpoints  # writes last.pt / best.pt (rank 0)
     run_dir: Path
     show_progress: bool = False
 
@@ -307,7 +305,7 @@ class EpochLoop:
             train_means = self.train_one_epoch(loader)
             stopping = self.should_stop()
             if stopping and state.step_in_epoch < steps_per_epoch:
-                self.save("last.pt")
+                self.checkpoints.save("last.pt")
                 log.info(f"stop requested: saved {last} at step {state.global_step}")
                 return final, test, False
             evaluated = (state.epoch + 1) % config.train.eval_interval == 0 or (
@@ -324,8 +322,8 @@ class EpochLoop:
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
             if evaluated and rule_top1(final, config.train.best_rule) > state.best_metric:
                 state.best_metric = rule_top1(final, config.train.best_rule)
-                self.save("best.pt")
-            self.save("last.pt")
+                self.checkpoints.save("best.pt")
+            self.checkpoints.save("last.pt")
             if stopping:
                 log.info(f"stop requested: saved {last} after epoch {state.epoch}")
                 return final, test, False
@@ -391,7 +389,7 @@ class EpochLoop:
                     )
             bar.update(1)
             if train.checkpoint_interval and state.global_step % train.checkpoint_interval == 0:
-                self.save("last.pt")
+                self.checkpoints.save("last.pt")
             if self.should_stop():
                 break
         bar.close()

@@ -17,7 +17,7 @@ from ..config import Config, TrainConfig, to_dict
 from ..data.sampling import resume_step, sample_seed
 from ..errors import CheckpointError, ConfigError
 from ..infra import distributed
-from ..infra.checkpoint import read_file, remove_stale_temporaries
+from ..infra.checkpoint import read_file, remove_stale_temporaries, save_atomic
 from ..infra.runlock import LOCK_NAME, RunLock
 from ..infra.runlog import truncate_after
 from . import preflight
@@ -151,6 +151,42 @@ def checkpoint_state(
             "pretrained_tag": config.teacher.pretrained_tag,
         },
     }
+
+
+@dataclass
+class Checkpoints:
+    """Writes the run's ``last.pt`` / ``best.pt`` (:func:`checkpoint_state` of these objects,
+    atomically; rank 0 only): what the epoch loop saves, and from what."""
+
+    config: Config
+    run_dir: Path
+    is_main: bool
+    student: torch.nn.Module
+    ema: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler | None
+    state: TrainState
+    global_batch: int
+    steps_per_epoch: int
+    class_names: list[str]
+
+    def save(self, name: str) -> None:
+        if not self.is_main:
+            return
+        blob = checkpoint_state(
+            self.config,
+            student=self.student,
+            ema=self.ema,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            scaler=self.scaler,
+            state=self.state,
+            global_batch=self.global_batch,
+            steps_per_epoch=self.steps_per_epoch,
+            class_names=self.class_names,
+        )
+        save_atomic(blob, self.run_dir / name)
 
 
 def read_checkpoint(path: str | Path) -> dict:
