@@ -11,9 +11,10 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
-from .config import describe, dump_config, load_config
-from .errors import USER_ERRORS
+from .config import Config, describe, dump_config, load_config
+from .errors import USER_ERRORS, ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,17 +68,45 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+RECIPES = Path(__file__).resolve().parents[2] / "configs"  # in a clone of the repository
+
+
+def _recipe_config(args: argparse.Namespace) -> Config:
+    """The config of ``train`` / ``cache``; ConfigError listing the shipped recipes when neither
+    a recipe nor the data are given (the defaults alone are ImageNet's, without its path)."""
+    config = load_config(args.config, args.overrides)
+    if args.config is None and config.data.dataset == "folder" and not config.data.root:
+        folders: dict[str, list[str]] = {}
+        for path in sorted(RECIPES.rglob("*.yaml")):
+            if not path.name.startswith("_"):
+                folders.setdefault(str(path.parent.relative_to(RECIPES.parent)), []).append(
+                    path.stem
+                )
+        shipped = [
+            f"{folder}/{{{','.join(names)}}}.yaml"
+            if len(names) <= 4
+            else f"{folder}/ ({len(names)})"
+            for folder, names in folders.items()
+        ]
+        listed = f" (shipped: {'; '.join(shipped)})" if shipped else ""
+        raise ConfigError(
+            f"cskd {args.command} needs a recipe: pass --config <recipe.yaml>{listed}, or set "
+            "data.root to an image folder for the ImageNet defaults"
+        )
+    return config
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "train":
             from .training.run import train
 
-            train(load_config(args.config, args.overrides))
+            train(_recipe_config(args))
         elif args.command == "cache":
             from .commands.cache import build_cache
 
-            directory = build_cache(load_config(args.config, args.overrides))
+            directory = build_cache(_recipe_config(args))
             if _rank() == 0:
                 print(directory)
         elif args.command == "eval":

@@ -76,16 +76,34 @@ def test_missing_empty_or_non_directory_data_root(tmp_path, tiny_run, capsys):
     run_dir = tmp_path / "run"
     missing = tmp_path / "nowhere"
     line = refused(folder_run(tiny_run, missing), capsys, run_dir)
-    assert line.startswith(f"data.root {missing} does not exist: set data.root to the folder")
+    assert line.startswith(
+        f"data.root {missing} does not exist: set it to the folder holding train/"
+    )
+    assert line.count(str(missing)) == 1
     empty = tmp_path / "empty"
     empty.mkdir()
     line = refused(folder_run(tiny_run, empty), capsys, run_dir)
-    assert line.startswith(f"data.root {empty} is empty: expected {empty}/train/<class>/<image>")
+    assert line.startswith(f"data.root {empty} is empty: it should hold train/<class>/<image>")
     a_file = tmp_path / "file"
     a_file.write_text("")
     assert "is not a directory" in refused(folder_run(tiny_run, a_file), capsys, run_dir)
     line = refused(tiny_run(**{"data.dataset": "folder", "data.root": ""}), capsys, run_dir)
-    assert line.startswith("data.dataset=folder needs data.root")
+    assert line.startswith("cskd train needs a recipe: pass --config") and "data.root" in line
+
+
+@pytest.mark.parametrize("kind", ["missing", "holds other files"])
+def test_a_wrong_fashion_mnist_root_names_it_once_and_the_fix(tmp_path, tiny_run, capsys, kind):
+    root = tmp_path / "fashion"
+    if kind == "holds other files":
+        root.mkdir()
+        (root / "notes.txt").write_text("not Fashion-MNIST")
+    overrides = {"data.dataset": "fashion_mnist", "data.root": root, "data.in_chans": 1}
+    overrides |= {
+        f"{section}.{key}": "[0.5]" for section in ("data", "teacher") for key in ("mean", "std")
+    }
+    line = refused(tiny_run(**overrides), capsys, tmp_path / "run")
+    assert line.count(str(root)) == 1, line
+    assert 'data.root=""' in line and "Debian package" in line, line
 
 
 def test_class_folders_that_differ_between_train_and_val(tmp_path, tiny_run, capsys):

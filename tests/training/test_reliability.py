@@ -619,5 +619,8 @@ def test_no_shell_anywhere_and_config_paths_are_taken_literally(
     )
     assert main(["train", *overrides]) == 2
     assert f"checkpoint {odd}/t.pth does not exist" in _error_line(capsys)
-    assert (tmp_path / odd).is_dir(), "the output directory was not created under its literal name"
+    assert not (tmp_path / odd).exists(), "a failed run left its new directory behind"
+    overrides = tiny_run(**{"train.output_dir": str(tmp_path / odd), "optim.epochs": 1})
+    assert main(["train", *overrides, "optim.warmup_epochs=0"]) == 0
+    assert (tmp_path / odd / "last.pt").is_file(), "the run did not write under the literal name"
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "pwned2").exists()

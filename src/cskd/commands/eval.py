@@ -98,7 +98,7 @@ def class_difference(trained: list[str], found: list[str]) -> str:
 
 
 def match_classes(
-    dataset: Dataset, trained: list[str] | None, *, by_name: bool, num_classes: int
+    dataset: Dataset, trained: list[str] | None, *, by_name: bool, num_classes: int, path: Path
 ) -> tuple[Dataset, dict | None]:
     """The dataset to score and, when matched by name, what the report says about it.
 
@@ -112,7 +112,7 @@ def match_classes(
         log.warning("this checkpoint predates recorded class names: only their number is checked")
         if len(found) != num_classes:
             raise DataError(
-                f"the model has {num_classes} classes but the data has {len(found)}: evaluate on "
+                f"{path} has {num_classes} classes but the data has {len(found)}: evaluate on "
                 "data with the model's classes"
             )
         return dataset, None
@@ -126,10 +126,10 @@ def match_classes(
     if by_name:
         raise DataError(
             f"--classes-by-name: the data's classes {', '.join(unknown[:3])} are not among the "
-            f"model's {len(trained)} classes: leave them out of data.root"
+            f"{len(trained)} classes of {path}: leave them out of data.root"
         )
     raise DataError(
-        f"the data's classes differ from the model's ({difference}): evaluate on data with the "
+        f"the data's classes differ from those of {path} ({difference}): evaluate on data with the "
         "model's class names, or pass --classes-by-name to score each image under the model's "
         "label of its class name (every data class must be one of the model's)"
     )
@@ -170,6 +170,7 @@ def evaluate_checkpoint(
         states["class_names"],
         by_name=classes_by_name,
         num_classes=config.data.num_classes,
+        path=path,
     )
     loader = eval_loader(
         val_set,

@@ -134,9 +134,11 @@ class FashionMNIST(Dataset):
             image_path = _find_fashion_file(root, image_name)
             label_path = _find_fashion_file(root, label_name)
         if image_path is None or label_path is None:
+            missing = image_name if image_path is None else label_name
             raise DataError(
-                f"Fashion-MNIST not found in {root}: install the Debian package "
-                "dataset-fashion-mnist (apt-get install dataset-fashion-mnist) or set "
+                f"Fashion-MNIST's {missing} (.gz or not) is not in {root}: set data.root to the "
+                'folder holding the *-ubyte files, data.root="" for the Debian package '
+                "dataset-fashion-mnist (apt-get install dataset-fashion-mnist), or "
                 "data.download=true"
             )
         images = read_idx(image_path)

@@ -145,6 +145,7 @@ def _kill_loader_workers() -> None:
     """At exit, SIGKILL the daemonic child processes still alive (the loader workers; the
     interpreter would end them anyway): they ignore SIGTERM, so its own clean-up (SIGTERM, then
     wait) would wait forever when a run ends on an error that left a loader unclosed."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # PyTorch's handler would raise here
     for child in multiprocessing.active_children():
         if child.daemon:
             child.kill()

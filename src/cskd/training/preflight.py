@@ -189,21 +189,21 @@ def check_data_source(data: DataConfig) -> None:
     if data.dataset == "synthetic" or (fashion and not data.root):
         return
     root = Path(data.root)
-    layout = f"{root}/train/<class>/<image> and {root}/val/<class>/<image>"
+    layout = "train/<class>/<image> and val/<class>/<image>"
     if fashion:
-        layout = f"the Fashion-MNIST *-ubyte.gz files in {root}"
+        layout = 'the Fashion-MNIST *-ubyte.gz files (or data.root="" for the Debian package)'
         if data.download:
             return
     if not data.root:
         raise DataError(f"data.dataset={data.dataset} needs data.root: the folder holding {layout}")
     if not root.exists():
-        raise DataError(
-            f"data.root {root} does not exist: set data.root to the folder holding {layout}"
-        )
+        raise DataError(f"data.root {root} does not exist: set it to the folder holding {layout}")
     if not root.is_dir():
-        raise DataError(f"data.root {root} is not a directory: it should hold {layout}")
+        raise DataError(
+            f"data.root {root} is not a directory: set it to the folder holding {layout}"
+        )
     if not any(os.scandir(root)):
-        raise DataError(f"data.root {root} is empty: expected {layout}")
+        raise DataError(f"data.root {root} is empty: it should hold {layout}")
 
 
 def check_resume(
