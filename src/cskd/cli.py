@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                 overrides=args.overrides,
             )
             print(json.dumps(result["final"], indent=2))
+            print(f"cskd diagnose: wrote {', '.join(result['files'])}", file=sys.stderr)
         elif args.command == "demo":
             from .commands.demo import run_demo
 

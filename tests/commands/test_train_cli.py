@@ -105,13 +105,6 @@ def test_exported_student_loads_into_plain_timm_with_the_same_logits(tmp_path, t
     )
 
 
-def test_demo_quick_prints_the_table(tmp_path, capsys):
-    assert main(["demo", "--quick", "--output-dir", str(tmp_path / "demo")]) == 0
-    out = capsys.readouterr().out
-    assert "| ViT student, CSKD |" in out and "| teacher (CNN, supervised) |" in out
-    assert (tmp_path / "demo" / "cskd" / "student.safetensors").is_file()
-
-
 # ------------------------------------------------------------------ learning-rate schedule
 
 
@@ -187,7 +180,7 @@ def test_final_metrics_give_the_last_and_the_best_epoch_per_rule_raw_and_ema(tmp
     run_dir = tmp_path / "run"
     final = json.loads((run_dir / "final_metrics.json").read_text())
     epochs = _records(run_dir, "epoch")
-    assert final["last_epoch"]["epoch"] == 2
+    assert final["last_epoch"]["epoch"] == 3  # counted from 1, as train.log counts
     assert final["last_epoch"]["cls+dist+patch"] == epochs[-1]["eval"]["cls+dist+patch"]
     assert final["last_epoch"]["ema"] == epochs[-1]["eval"]["ema"]
     for rule in ("cls", "cls+dist", "cls+dist+patch"):
@@ -197,11 +190,14 @@ def test_final_metrics_give_the_last_and_the_best_epoch_per_rule_raw_and_ema(tmp
         ):
             values = [key(record)[rule]["top1"] for record in epochs]
             assert best[rule]["top1"] == max(values)
-            assert best[rule]["epoch"] == values.index(max(values))
-            assert best[rule]["top5"] == key(epochs[best[rule]["epoch"]])[rule]["top5"]
+            assert best[rule]["epoch"] == values.index(max(values)) + 1
+            assert best[rule]["top5"] == key(epochs[best[rule]["epoch"] - 1])[rule]["top5"]
     assert "best_epoch" in final["note"] and "release" in final["note"]
     log = (run_dir / "train.log").read_text()
     assert "at the last epoch (3), best" in log
+    rule = "cls+dist+patch"
+    best = final["best_epoch"][rule]
+    assert f"best {best['top1']:.2f} at epoch {best['epoch']} (" in log  # the same count
 
 
 def test_eval_interval_and_the_official_test_split_beside_a_held_out_validation_split(
@@ -226,7 +222,7 @@ def test_eval_interval_and_the_official_test_split_beside_a_held_out_validation_
     final = json.loads((run_dir / "final_metrics.json").read_text())
     assert final["test_last_epoch"] == epochs[-1]["test"]
     assert final["last_epoch"]["cls"] == epochs[-1]["eval"]["cls"]
-    assert {v["epoch"] for v in final["best_epoch"].values() if "epoch" in v} <= {1, 2}
+    assert {v["epoch"] for v in final["best_epoch"].values() if "epoch" in v} <= {2, 3}
 
 
 def test_eval_test_without_a_held_out_split_is_refused():

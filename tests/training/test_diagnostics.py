@@ -106,7 +106,13 @@ def test_training_logs_diagnostics_and_cskd_diagnose_draws_them(tmp_path, tiny_r
 
     capsys.readouterr()
     assert main(["diagnose", str(run_dir), "--images", "8"]) == 0
-    final = json.loads(capsys.readouterr().out)
+    shown = capsys.readouterr()
+    final = json.loads(shown.out)
+    out = run_dir / "diagnostics"
+    listed = ", ".join(
+        str(out / name) for name in ("diagnostics.json", "maps.png", "over_training.png")
+    )
+    assert f"cskd diagnose: wrote {listed}" in shown.err
     assert final["local_weight"] == 0.5 and "student" in final
     written = json.loads((run_dir / "diagnostics" / "diagnostics.json").read_text())
     assert written["images"] == 8 and len(written["over_training"]) == 2

@@ -79,6 +79,7 @@ def diagnose_run(
     out = run_dir / "diagnostics"
     out.mkdir(exist_ok=True)
     (out / "diagnostics.json").write_text(json.dumps(result, indent=2))
+    written = [out / "diagnostics.json"]
     if teacher is not None and not teacher.global_only and isinstance(student, DenseStudent):
         count = min(pictures, probe.targets.shape[0])
         diagnostics.draw_maps(
@@ -92,12 +93,14 @@ def diagnose_run(
             schedule=config.distill.schedule,
             class_names=getattr(val_set, "classes", None),
         )
+        written.append(out / "maps.png")
     if result["over_training"]:
         title = f"{run_dir.name}: {config.distill.method}, schedule {config.distill.schedule}"
         diagnostics.plot_over_training(
             out / "over_training.png", result["over_training"], title=title
         )
-    log.info(f"wrote {out}/diagnostics.json" + (" and pictures" if teacher is not None else ""))
+        written.append(out / "over_training.png")
+    result["files"] = [str(path) for path in written]
     return result
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from timm.utils import ModelEmaV3
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from ..config import Config, apply_overrides, from_dict
 from ..data import build_eval_set
@@ -59,6 +60,19 @@ def read_saved(checkpoint_path: str | Path) -> tuple[Path, dict, dict, dict | No
         "class_names": checkpoint.get("class_names"),
     }
     return path, checkpoint["config"], states, None
+
+
+class ShowProgress:
+    """``loader`` with a progress bar on stderr (rank 0) each time it is iterated."""
+
+    def __init__(self, loader, *, enabled: bool) -> None:
+        self.loader, self.enabled = loader, enabled
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(tqdm(self.loader, desc="evaluating", unit="batch", disable=not self.enabled))
 
 
 class ClassesByName(Dataset):
@@ -193,11 +207,14 @@ def evaluate_checkpoint(
             ema.module, states["ema"], path=path, what=f"EMA of the {what}", adapt_head=False
         )
     norm = normalizer(config.data.mean, config.data.std, device)
+    weights = "its weights and their EMA" if ema is not None else "its weights (no EMA saved)"
+    log.info(f"evaluating {path}: {weights} on {len(val_set)} images, every inference rule")
+    shown = ShowProgress(loader, enabled=info.is_main)
     try:
         metrics = evaluate_with_ema(
             student,
             ema,
-            loader,
+            shown,
             rules_for(student),
             device,
             norm,

@@ -17,6 +17,7 @@ student's patch predictions follow the CKF target, and how far each layer of the
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -209,7 +210,8 @@ def draw_maps(
 ) -> None:
     """A PNG with one row per image: the image, the teacher's dense argmax map, the student's
     patch predictions on the teacher's grid, and the CKF target at progress 0, 0.5 and 0.9.
-    Cells show the class index; green cells equal the label. pixels (N, C, S, S) in [0, 1]."""
+    Cells show the class index; green cells equal the label, red ones do not; a legend under
+    the figure says so and names the classes. pixels (N, C, S, S) in [0, 1]."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -249,7 +251,15 @@ def draw_maps(
     for axis in figure.axes:
         axis.set_xticks([])
         axis.set_yticks([])
-    figure.tight_layout()
+    legend = "Each cell: the class predicted there (its index). Green: equals the label; red: not."
+    if class_names:
+        names = ", ".join(f"{index} {name}" for index, name in enumerate(class_names))
+        legend += "\nClasses: " + "\n".join(
+            textwrap.wrap(names, width=28 * (len(columns) + 1) // 2)
+        )
+    figure.text(0.01, 0.0, legend, fontsize=7, va="bottom", ha="left")
+    lines = legend.count("\n") + 1
+    figure.tight_layout(rect=(0, 0.12 * lines / count, 1, 1))
     figure.savefig(path, dpi=110)
     pyplot.close(figure)
 

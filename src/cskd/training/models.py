@@ -150,7 +150,15 @@ def load_teacher(
     ``global_only``, ``image_size``, ``mean`` and ``std``: see :class:`DenseTeacher`
     (``global_only=True`` for DeiT distillation, which needs only global logits; ``image_size``
     is the data's; ``mean`` / ``std`` default to the timm model's pretrained configuration).
+    A ``student.safetensors`` written by ``cskd train`` (or its run directory) supplies what it
+    records and the call leaves out: the model's keyword arguments and its mean/std.
     """
+    export = _export_of(checkpoint, name=name)
+    if export is not None:
+        saved = {k: v for k, v in export["model_kwargs"].items() if k != "num_classes"}
+        model_kwargs = {**saved, **model_kwargs}
+        mean = mean if mean is not None else tuple(export["mean"])
+        std = std if std is not None else tuple(export["std"])
     if checkpoint:
         model = timm.create_model(name, pretrained=False, num_classes=num_classes, **model_kwargs)
         try:
@@ -182,6 +190,15 @@ def load_teacher(
     return DenseTeacher(
         model, name=name, global_only=global_only, check_size=image_size, mean=mean, std=std
     )
+
+
+def _export_of(checkpoint: str | os.PathLike | None, *, name: str) -> dict | None:
+    """The cskd export metadata of ``checkpoint`` when it is an exported ``name``, else None."""
+    if not checkpoint:
+        return None
+    source = resolve_source(checkpoint)
+    export = read_export_metadata(source) if source.suffix == ".safetensors" else None
+    return export if export is not None and export["timm_name"] == name else None
 
 
 def create_pretrained(

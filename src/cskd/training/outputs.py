@@ -37,7 +37,7 @@ def write_final_outputs(
         save_safetensors_atomic(
             ema.module.state_dict(), run_dir / "student_ema.safetensors", metadata=metadata
         )
-    summary = final_summary(last, state.best, last_epoch=config.optim.epochs - 1, test=test)
+    summary = final_summary(last, state.best, epochs=config.optim.epochs, test=test)
     (run_dir / "final_metrics.json").write_text(json.dumps(summary, indent=2))
     log.info(_final_line(summary, config.train.best_rule))
 
@@ -65,18 +65,26 @@ def export_description(config: Config, classes: list[str]) -> dict[str, str]:
     )
 
 
-def final_summary(last: dict, best: dict, *, last_epoch: int, test: dict | None = None) -> dict:
+def final_summary(last: dict, best: dict, *, epochs: int, test: dict | None = None) -> dict:
     """What ``final_metrics.json`` holds: the last epoch's metrics (what this project reports)
     and each rule's best epoch (what the CSKD release reports), raw and EMA; with
-    ``train.eval_test`` also the official test split's metrics at the last epoch."""
+    ``train.eval_test`` also the official test split's metrics at the last epoch. Epochs are
+    counted from 1, as train.log counts them (``best`` counts from 0, as metrics.jsonl does)."""
+
+    def from_one(entry: dict) -> dict:
+        return {
+            key: from_one(value) if isinstance(value, dict) else value + (key == "epoch")
+            for key, value in entry.items()
+        }
+
     summary = {
-        "last_epoch": {"epoch": last_epoch, **last},
-        "best_epoch": best,
+        "last_epoch": {"epoch": epochs, **last},
+        "best_epoch": from_one(best),
         "note": (
             "last_epoch: every rule at the end of training (the weights in student.safetensors); "
             "best_epoch: per rule, the epoch with the highest validation top-1 (what the CSKD "
-            "release reports; a choice made on the validation set). Epochs count from 0 "
-            "here, from 1 in train.log"
+            "release reports; a choice made on the validation set). Epochs count from 1 here "
+            "and in train.log; metrics.jsonl's records count from 0, as DeiT's log.txt"
         ),
     }
     if test is not None:
@@ -92,6 +100,6 @@ def _final_line(summary: dict, rule: str) -> str:
         return "finished"
     return (
         f"finished: {rule} top-1 {last[name]['top1']:.2f} at the last epoch "
-        f"({summary['last_epoch']['epoch'] + 1}), best {best[name]['top1']:.2f} at epoch "
-        f"{best[name]['epoch'] + 1} (the release reports the best epoch)"
+        f"({summary['last_epoch']['epoch']}), best {best[name]['top1']:.2f} at epoch "
+        f"{best[name]['epoch']} (the release reports the best epoch)"
     )
