@@ -50,6 +50,7 @@ _HOMES = {
     "GridError": "cskd.errors",
     "NonFiniteLossError": "cskd.errors",
     "TeacherError": "cskd.errors",
+    "ResourceError": "cskd.errors",
 }
 __all__ = sorted(_HOMES)
 

@@ -31,6 +31,10 @@ class DataError(ValueError):
     """A dataset or transform cannot be built or read; the message names the path and the fix."""
 
 
+class ResourceError(RuntimeError):
+    """The machine ran out of something the run needs (memory, disk space) or refused a write."""
+
+
 class CacheError(DataError):
     """A teacher cache is missing, damaged, or was made for another teacher or data; the message
     names the file or the key that differs and how to rebuild it."""
@@ -45,4 +49,5 @@ USER_ERRORS = (
     GridError,
     NonFiniteLossError,
     DistributedError,
+    ResourceError,
 )

@@ -515,6 +515,70 @@ def test_disk_full_while_saving_is_one_clear_error_and_the_previous_checkpoint_s
     assert not list(run_dir.glob(".*.tmp")), "the partial temporary file was left behind"
 
 
+def test_a_full_disk_while_writing_config_or_metrics_is_one_line_and_last_pt_survives(
+    tmp_path, tiny_run, monkeypatch, capsys
+):
+    run_dir = tmp_path / "run"
+    assert main(["train", *tiny_run(**{"train.stop_after_steps": 2})]) == 0
+    before = sha256(run_dir / "last.pt")
+    replace = os.replace
+
+    def full_for_config(source, target):
+        if Path(target).name == "config.yaml":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return replace(source, target)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", full_for_config)
+        assert main(["train", *tiny_run(**{"train.resume": "auto"})]) == 2
+    line = _error_line(capsys)
+    assert f"could not write {run_dir / 'config.yaml'}: No space left on device" in line, line
+    assert "last.pt" in line and sha256(run_dir / "last.pt") == before
+    assert not list(run_dir.glob(".*.tmp"))
+
+    opened = Path.open
+    appends = []
+
+    def full_after_a_while(self, mode="r", *args, **kwargs):
+        file = opened(self, mode, *args, **kwargs)
+        if self.name == "metrics.jsonl" and mode == "a":
+            appends.append(self)
+            if len(appends) > 1:
+                file.close()
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return file
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "open", full_after_a_while)
+        assert main(["train", *tiny_run(**{"train.resume": "auto"})]) == 2
+    line = _error_line(capsys)
+    assert f"could not write {run_dir / 'metrics.jsonl'}: No space left on device" in line, line
+    assert read_checkpoint(run_dir / "last.pt")["state"]["global_step"] >= 2
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0)"),
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"),
+    ],
+    ids=["cuda", "cpu"],
+)
+def test_out_of_memory_is_one_line_with_the_batch_size_and_the_knobs(
+    tiny_run, monkeypatch, capsys, error
+):
+    from cskd.training.engine import Trainer
+
+    def exhausted(self, batch, state):
+        raise error
+
+    monkeypatch.setattr(Trainer, "step", exhausted)
+    assert main(["train", *tiny_run()]) == 2
+    line = _error_line(capsys)
+    assert "out of memory" in line and "data.batch_size=8" in line, line
+    assert "train.amp" in line and "data.workers" in line, line
+
+
 def test_truncated_or_damaged_checkpoints_are_refused_not_resumed(tmp_path, reference, capsys):
     good = (reference / "last.pt").read_bytes()
     weights = read_checkpoint(reference / "last.pt")["student"]["pos_embed"]

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save as safetensors_bytes
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ResourceError
 
 DIGEST_KEY = "cskd_digest"  # CRC-32 of a saved dict's content, added by save_atomic
 
@@ -169,6 +169,25 @@ def _write_failure(path: str | os.PathLike, error: BaseException) -> CheckpointE
         f"could not write checkpoint {path}: {reason} (the previous checkpoint is intact; "
         "free disk space or fix the cause, then resume with train.resume=auto)"
     )
+
+
+def output_failure(path: str | os.PathLike, error: BaseException) -> ResourceError:
+    """One line for a run output (``config.yaml``, ``metrics.jsonl``) that could not be
+    written: the operating system's reason, and that the last checkpoint is untouched."""
+    reason = _os_reason(error) or (str(error).strip().splitlines() or [repr(error)])[0]
+    return ResourceError(
+        f"could not write {path}: {reason} (last.pt, if the run has one, is intact: free disk "
+        "space or fix the cause, then rerun with train.resume=auto)"
+    )
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically; :class:`~cskd.errors.ResourceError` in one line
+    if the disk refuses it (the previous file stays)."""
+    try:
+        atomic_write(Path(path), lambda file: file.write(text.encode()))
+    except OSError as error:
+        raise output_failure(path, error) from error
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:

@@ -10,6 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .checkpoint import output_failure
 from .distributed import RankFilter
 
 log = logging.getLogger("cskd")
@@ -52,9 +53,12 @@ class MetricsWriter:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as file:
-            file.write(json.dumps(record) + "\n")
-            file.flush()
+        try:
+            with self.path.open("a") as file:
+                file.write(json.dumps(record) + "\n")
+                file.flush()
+        except OSError as error:
+            raise output_failure(self.path, error) from error
         step = record.get("step", 0)
         prefix = "train" if record.get("type") == "step" else "epoch"
         for key, value in _flatten(record).items():

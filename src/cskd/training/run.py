@@ -23,7 +23,9 @@ from tqdm import tqdm
 from ..config import Config, dump_config
 from ..data import build_datasets
 from ..data.sampling import EpochSampler, worker_failure
+from ..errors import ResourceError
 from ..infra import distributed
+from ..infra.checkpoint import write_text_atomic
 from ..infra.runlog import MetricsWriter, setup_logging
 from ..method.distiller import normalizer
 from ..teacher.cached import open_cached_teacher
@@ -91,7 +93,7 @@ def train(config: Config) -> dict:
         ):
             final = _train(config, info, stop, run_dir=run_dir, global_batch=global_batch, lr=lr)
     except Exception as caught:
-        error = worker_failure(caught) or caught
+        error = worker_failure(caught) or memory_failure(caught, config) or caught
         if info.enabled:  # torchrun interleaves the ranks' output: say which rank this is
             log.error(
                 f"rank {info.rank} of {info.world_size} failed: {type(error).__name__}: {error}",
@@ -102,6 +104,23 @@ def train(config: Config) -> dict:
         raise
     distributed.shutdown()
     return final
+
+
+def memory_failure(error: BaseException, config: Config) -> ResourceError | None:
+    """One line for running out of memory (CUDA's OutOfMemoryError, or the CPU allocator's
+    failure), with the batch size and the knobs that lower the memory a step needs; None for
+    any other error. (The kernel's OOM killer ends a process without a word: a loader worker's
+    death is reported by :func:`~cskd.data.sampling.worker_failure`.)"""
+    text = str(error)
+    if not (isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in text):
+        return None
+    where = "GPU" if isinstance(error, torch.OutOfMemoryError) else "CPU"
+    return ResourceError(
+        f"out of memory on the {where} ({text.splitlines()[0][:120]}) at "
+        f"data.batch_size={config.data.batch_size} per process: lower data.batch_size (the "
+        "learning rate follows the global batch), use train.amp=bf16, fewer data.workers or a "
+        "smaller data.eval_batch_size; last.pt holds the run so far (train.resume=auto)"
+    )
 
 
 def _train(
@@ -175,7 +194,7 @@ def _train(
     )
     metrics_writer = MetricsWriter(run_dir, enabled=info.is_main, resume_step=state.global_step)
     if info.is_main:
-        (run_dir / "config.yaml").write_text(dump_config(config))
+        write_text_atomic(run_dir / "config.yaml", dump_config(config))
     log.info(
         f"{config.distill.method} | student {config.student.name} | teacher "
         f"{config.teacher.name if teacher is not None else '-'} | {info.world_size} process(es) "
