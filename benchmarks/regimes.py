@@ -267,6 +267,20 @@ def sha256(path: Path) -> str:
     return tensors_digest(load_file(str(path)))
 
 
+def _shared_note(teacher: dict) -> str:
+    """What the page says about a teacher shared with another regime."""
+    if "shared_from" not in teacher:
+        return ""
+    home = f"the `{teacher['shared_from']}` regime's teacher recipe"
+    if teacher.get("matches_home_record", True):
+        return f" ({home}: the same weights as recorded there)"
+    return (
+        f" ({home}, trained again on this machine: other weights than recorded there, "
+        f"{teacher['weights_sha256'][:12]} vs {str(teacher.get('home_weights_sha256'))[:12]}; "
+        "the students here were trained with this one)"
+    )
+
+
 def run_one(
     *,
     recipe: Path,
@@ -428,7 +442,7 @@ def report(results: dict, regime: Regime, *, command: str, quick: bool, name: st
     if teacher:
         lines.append(
             f"- Teacher: validation top-1 {teacher['val']['cls']['top1']:.2f}%, test top-1 "
-            f"**{teacher['test']['cls']['top1']:.2f}%** at its last epoch"
+            f"**{teacher['test']['cls']['top1']:.2f}%** at its last epoch" + _shared_note(teacher)
         )
     if regime.epoch_candidates:
         candidates = (1, 2) if quick else regime.epoch_candidates
@@ -547,20 +561,30 @@ def main(argv: list[str] | None = None) -> int:
         teacher_dir = Path(arguments.output_dir) / (teacher_name + suffix) / "teacher"
         teacher_results = results_dir / f"regime_{teacher_name}{suffix}.json"
         teacher_overrides = [*regime.teacher_overrides(quick=quick), *arguments.override]
+        shared = teacher_results != results_path
+        home = read_results(teacher_results)["runs"].get("teacher") if shared else None
+        # a shared teacher recorded in its home but whose weights are not on this machine is
+        # trained again and recorded here: the home regime's record stays the one its students
+        # were trained with
+        record_to = results_path if home is not None else teacher_results
         while not run_one(
             recipe=RECIPES / "teacher.yaml",
             overrides=teacher_overrides,
             run_dir=teacher_dir,
             key="teacher",
-            path=teacher_results,
+            path=record_to,
             keeps=teacher_dir / "student.safetensors",
         ):
             time.sleep(10)  # another worker is training the teacher: wait for it
-        if teacher_results != results_path:
-            shared = read_results(teacher_results)["runs"]["teacher"]
-            write_results(
-                results_path, {"runs": {"teacher": {**shared, "shared_from": teacher_name}}}
-            )
+        if shared:
+            used = read_results(record_to)["runs"]["teacher"]
+            home = home or used
+            note = {
+                "shared_from": teacher_name,
+                "home_weights_sha256": home.get("weights_sha256"),
+                "matches_home_record": used.get("weights_sha256") == home.get("weights_sha256"),
+            }
+            write_results(results_path, {"runs": {"teacher": {**used, **note}}})
         checkpoint = teacher_dir / "student.safetensors"
 
         def train_student(label: str, seed: int, key: str, extra: list[str]) -> bool:

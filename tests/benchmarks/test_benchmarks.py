@@ -176,6 +176,16 @@ def test_recipe_regime_shares_the_long_teacher_and_chooses_epochs_on_validation(
     assert f"optim.epochs={chosen}" in runs["cskd-linear-seed0"]["overrides"]
     page = (tmp_path / "regime_recipe_quick.md").read_text()
     assert f"-> **{chosen} epochs**" in page
+    # on a machine without the shared teacher's weights it is trained again and recorded in the
+    # sharing regime's results; the home regime's record is left as its students saw it
+    home_before = (tmp_path / "regime_long_quick.json").read_text()
+    (tmp_path / "runs" / "long_quick" / "teacher" / "student.safetensors").unlink()
+    assert script.main([*arguments, *one_thread]) == 0
+    assert (tmp_path / "regime_long_quick.json").read_text() == home_before
+    teacher = json.loads((tmp_path / "regime_recipe_quick.json").read_text())["runs"]["teacher"]
+    assert teacher["shared_from"] == "long" and teacher["matches_home_record"] is True
+    assert teacher["home_weights_sha256"] == long_teacher["weights_sha256"]
+    assert "the same weights as recorded there" in (tmp_path / "regime_recipe_quick.md").read_text()
     fake = {
         "runs": {
             f"pilot-e{e}-deit-seed0": {"val": {"cls+dist": {"top1": v}}}
