@@ -507,3 +507,17 @@ def test_a_run_saved_with_an_explicit_rule_of_another_method_still_evaluates(
     assert main(["eval", "--checkpoint", str(run_dir / "old.pt")]) == 0
     assert main(["diagnose", str(run_dir), "--images", "8"]) == 0
     assert "cls+dist+patch" in json.loads(capsys.readouterr().out.split("\n}\n")[0] + "\n}")
+
+
+def test_resuming_without_the_overrides_of_the_first_command_names_them():
+    """The README's example: a run started with `optim.epochs=20 distill.schedule=cos`, resumed
+    with `train.resume=auto` alone: the resumed run names both keys it now sets otherwise."""
+    from cskd.config import to_dict
+    from cskd.training.state import changed_settings
+
+    recipe = "configs/fashion_mnist/cskd.yaml"
+    root = Path(__file__).resolve().parents[2]
+    first = load_config(root / recipe, ["optim.epochs=20", "distill.schedule=cos"])
+    again = load_config(root / recipe, ["train.resume=auto"])
+    changes = changed_settings(to_dict(first), to_dict(again))
+    assert changes == ["distill.schedule cos -> linear", "optim.epochs 20 -> 6"], changes
