@@ -159,8 +159,8 @@ def test_teacher_whose_head_cannot_give_dense_logits(tmp_path, tiny_run, capsys)
         "teacher.kwargs": str(kwargs).replace("'", ""),
     }
     line = refused(tiny_run(**overrides), capsys, tmp_path / "run")
-    assert line.startswith("teacher convnext_atto: the mean of its dense logits differs")
-    assert "ConvNeXt, cannot give dense logits" in line
+    assert line.startswith("teacher convnext_atto: its head (head (NormMlpClassifierHead))")
+    assert "is not affine after global average pooling" in line and "distill.method=deit" in line
 
 
 def test_student_grid_smaller_than_the_teacher_grid(tmp_path, tiny_run, capsys):

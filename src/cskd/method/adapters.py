@@ -46,13 +46,37 @@ def _first_conv_channels(model: nn.Module) -> int:
     return conv.in_channels if conv is not None else 3
 
 
+def _feature_format(model: nn.Module) -> str:
+    """``"NHWC"`` when the model's final features are channels-last (Swin, MambaOut: timm's
+    ``output_fmt`` or its head's ``input_fmt``), else ``"NCHW"``."""
+    formats = (
+        getattr(model, "output_fmt", None),
+        getattr(getattr(model, "head", None), "input_fmt", None),
+    )
+    return "NHWC" if "NHWC" in [str(getattr(f, "value", f)) for f in formats] else "NCHW"
+
+
+def _head_name(model: nn.Module) -> str:
+    """What sits between the final features and the logits, for messages: the modules that
+    ``forward_head`` runs (timm names them ``head``, ``conv_head``, ``fc``...)."""
+    names = [
+        n for n in ("head", "conv_head", "pre_logits", "head_hidden", "fc") if hasattr(model, n)
+    ]
+    parts = [f"{n} ({type(getattr(model, n)).__name__})" for n in names]
+    return ", ".join(parts) or type(model.get_classifier()).__name__
+
+
 class DenseTeacher(nn.Module):
     """A frozen timm CNN that returns :class:`TeacherOutput`, and owns its input normalisation.
 
-    At construction a random batch of ``check_size`` pixels (the data's image size) checks
-    that the model's final features are an (N, C, H, W) map and that the mean of the dense
-    logits equals the model's output; models for which it cannot hold are refused
-    (:class:`~cskd.errors.TeacherError`).
+    Dense logits are the model's own head applied at every location of its final map: each
+    cell's feature vector goes through ``forward_head`` as a 1 x 1 map, so linear and 1x1-conv
+    heads, NCHW and channels-last maps (timm's ``output_fmt``) all work; a plain linear head on
+    an NCHW map takes the equivalent 1x1 convolution. At construction a random batch of
+    ``check_size`` pixels (the data's image size) checks that the mean of the dense logits
+    equals the model's output, which holds exactly when the head is affine after global average
+    pooling (CSKD's premise, Sec. 3); any other head (an MLP, a norm or an activation after the
+    pooling) is refused with :class:`~cskd.errors.TeacherError` naming it.
 
     ``global_only=True`` (DeiT distillation, which needs only the global logits) accepts any timm
     classifier, a ViT included; ``dense_logits`` is then None.
@@ -73,6 +97,7 @@ class DenseTeacher(nn.Module):
         global_only: bool = False,
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
+        in_chans: int | None = None,
     ) -> None:
         super().__init__()
         self.name = name or type(model).__name__
@@ -80,7 +105,9 @@ class DenseTeacher(nn.Module):
         # None: the caller's precision; float32: autocast off; float16/bfloat16: autocast to it
         self.amp_dtype = amp_dtype
         self.channels_last = False  # inputs made channels-last (set with the model's format)
-        self.in_chans = _first_conv_channels(model)
+        # the channels the model was built for (timm's in_chans); the first convolution's input
+        # is a guess that fails for a space-to-depth stem (TResNet)
+        self.in_chans = in_chans or _first_conv_channels(model)
         if mean is None or std is None:  # timm's configuration, where it fits the channels
             config = getattr(model, "pretrained_cfg", None) or {}
             mean, std = tuple(config.get("mean", ())), tuple(config.get("std", ()))
@@ -96,14 +123,11 @@ class DenseTeacher(nn.Module):
         self.register_buffer("input_mean", torch.tensor(mean).view(shape), persistent=False)
         self.register_buffer("input_std", torch.tensor(std).view(shape), persistent=False)
         classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
-        if not global_only and not isinstance(classifier, nn.Linear):
-            raise TeacherError(
-                f"teacher {self.name}: its classifier is {type(classifier).__name__}, not a linear "
-                "layer, so it cannot be applied at every location; use a CNN whose head is global "
-                "average pooling then a linear layer (ResNet, RegNet, EfficientNet)"
-            )
         self.model = model
         self.classifier = classifier
+        self.feature_format = _feature_format(model)
+        # a linear classifier right after the pooling of an NCHW map: the same as a 1x1 conv
+        self._linear_map = isinstance(classifier, nn.Linear) and self.feature_format == "NCHW"
         self.model.requires_grad_(False)
         self.model.eval()
         self._check_dense_head(check_size)
@@ -168,10 +192,21 @@ class DenseTeacher(nn.Module):
             return self.heads(self.model.forward_features(images))  # features (N, C_f, H, W)
 
     def heads(self, features: torch.Tensor) -> TeacherOutput:
-        """The final feature map (N, C_f, H, W) -> global (N, K) and dense (N, K, H, W) logits."""
+        """The final feature map (N, C_f, H, W), or (N, H, W, C_f) channels-last -> global
+        (N, K) and dense (N, K, H, W) logits."""
         global_logits = self.model.forward_head(features)  # (N, K)
-        weight = self.classifier.weight[:, :, None, None]  # (K, C_f, 1, 1)
-        dense_logits = F.conv2d(features, weight, self.classifier.bias)  # (N, K, H, W)
+        if self._linear_map:
+            weight = self.classifier.weight[:, :, None, None]  # (K, C_f, 1, 1)
+            dense_logits = F.conv2d(features, weight, self.classifier.bias)  # (N, K, H, W)
+            return TeacherOutput(dense_logits=dense_logits, global_logits=global_logits)
+        if self.feature_format == "NHWC":
+            count, height, width, channels = features.shape
+            cells = features.reshape(count * height * width, 1, 1, channels)
+        else:
+            count, channels, height, width = features.shape
+            cells = features.permute(0, 2, 3, 1).reshape(count * height * width, channels, 1, 1)
+        per_cell = self.model.forward_head(cells)  # (N*H*W, K): the head at each location
+        dense_logits = per_cell.view(count, height, width, -1).permute(0, 3, 1, 2)
         return TeacherOutput(dense_logits=dense_logits, global_logits=global_logits)
 
     def _check_dense_head(self, size: int) -> None:
@@ -190,16 +225,29 @@ class DenseTeacher(nn.Module):
                 "CNN teacher (ResNet, RegNet, EfficientNet); with this teacher use "
                 "distill.method=deit"
             )
-        output = self(images)
+        head = _head_name(self.model)
+        way_out = (
+            "use distill.method=deit with this teacher, or a teacher whose head is global average "
+            "pooling then a linear or 1x1-conv layer (ResNet, RegNet, EfficientNet, ResNetV2, "
+            "DLA, Swin)"
+        )
+        try:
+            output = self(images)
+        except Exception as error:  # noqa: BLE001 - any head that cannot take a 1 x 1 map
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+            raise TeacherError(
+                f"teacher {self.name}: its head ({head}) cannot be applied at every location of "
+                f"its final map ({type(error).__name__}: {reason}): {way_out}"
+            ) from None
         mean = output.dense_logits.float().mean(dim=(2, 3))
         reference = output.global_logits.float()
         error = (mean - reference).abs().max().item()
         if error > 1e-3 * (1.0 + reference.abs().max().item()):
             raise TeacherError(
-                f"teacher {self.name}: the mean of its dense logits differs from its output by "
-                f"{error:.3g}, so its head is not global average pooling then a linear layer "
-                "(normalisation or an MLP after pooling, as in ConvNeXt, cannot give dense logits); "
-                "choose a teacher such as a ResNet, RegNet or EfficientNet"
+                f"teacher {self.name}: its head ({head}) is not affine after global average "
+                f"pooling (the mean of its per-location logits differs from its output by "
+                f"{error:.3g}: a norm, an activation or an MLP after the pooling), so it has no "
+                f"dense logits: {way_out}"
             )
 
 

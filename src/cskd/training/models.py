@@ -188,7 +188,13 @@ def load_teacher(
             "teacher.pretrained_tag to a timm tag (e.g. deit_in1k)"
         )
     return DenseTeacher(
-        model, name=name, global_only=global_only, check_size=image_size, mean=mean, std=std
+        model,
+        name=name,
+        global_only=global_only,
+        check_size=image_size,
+        mean=mean,
+        std=std,
+        in_chans=model_kwargs.get("in_chans"),
     )
 
 
