@@ -265,11 +265,14 @@ class DenseStudent(nn.Module):
                 f"unknown inference rule {inference_rule!r}: choose one of {INFERENCE_RULES}"
             )
         self.inference_rule = inference_rule
-        if not hasattr(model, "patch_embed") or not hasattr(model, "num_prefix_tokens"):
+        if not is_vit(model):
             raise TypeError(
                 f"{type(model).__name__} is not a timm Vision Transformer "
                 "(it has no patch_embed / num_prefix_tokens)"
             )
+        problem = patch_logits_problem(model)
+        if problem is not None:
+            raise TypeError(f"{type(model).__name__} cannot give patch logits: {problem}")
         self.model = model
         self.distilled = getattr(model, "dist_token", None) is not None
 
@@ -370,11 +373,38 @@ class PlainClassifier(nn.Module):
         return StudentOutput(self.model(images), None, None, (1, 1))
 
 
+def is_vit(model: nn.Module) -> bool:
+    """A timm Vision Transformer of any family (it has ``patch_embed`` and ``num_prefix_tokens``)."""
+    return hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens")
+
+
+def patch_logits_problem(model: nn.Module) -> str | None:
+    """Why a timm ViT cannot give a :class:`DenseStudent`'s patch logits, or None when it can:
+    its patch embedding has no fixed grid (XCiT's convolutional stem, MViTv2's pooling stages
+    end at stride 32), or its class token joins after its last block (ConViT shallower than its
+    ``local_up_to_layer``). Works on the meta device (no forward pass)."""
+    grid = getattr(model.patch_embed, "grid_size", None)
+    if grid is None:
+        return (
+            f"its patch embedding ({type(model.patch_embed).__name__}) has no fixed patch grid "
+            "(grid_size), so its tokens cannot be placed on the teacher's map"
+        )
+    local = getattr(model, "local_up_to_layer", None)  # ConViT: the class token joins there
+    depth = len(getattr(model, "blocks", ()))
+    if local is not None and depth <= local:
+        return (
+            f"its class token joins only after block {local} and it has {depth} blocks, so its "
+            f"tokens hold no class token: set student.kwargs.depth above {local}"
+        )
+    return None
+
+
 def wrap_student(
     model: nn.Module, *, inference_rule: str = "cls+dist+patch"
 ) -> DenseStudent | PlainClassifier:
-    """A ViT becomes a :class:`DenseStudent`; any other classifier a :class:`PlainClassifier`."""
-    if hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens"):
+    """A ViT that can give patch logits becomes a :class:`DenseStudent`; any other classifier
+    (a CNN, a hierarchical model, a ViT without a patch grid) a :class:`PlainClassifier`."""
+    if is_vit(model) and patch_logits_problem(model) is None:
         return DenseStudent(model, inference_rule=inference_rule)
     return PlainClassifier(model)
 

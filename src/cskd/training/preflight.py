@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ..config import Config, DataConfig
 from ..errors import ConfigError, DataError
 from ..infra.weights import check_state_fits
-from ..method.adapters import DenseStudent, DenseTeacher
+from ..method.adapters import DenseStudent, DenseTeacher, is_vit, patch_logits_problem
 from ..method.align import check_grids
 
 log = logging.getLogger("cskd")
@@ -89,12 +89,20 @@ def check_models(config: Config) -> None:
         )
     if config.train.compile:
         check_compile_backend(config.train.compile_backend)
-    is_vit = hasattr(student, "patch_embed") and hasattr(student, "num_prefix_tokens")
-    if config.distill.method == "cskd" and student is not None and not is_vit:
+    if student is None or config.distill.method != "cskd":
+        return
+    if not is_vit(student):
         raise ConfigError(
             f"distill.method=cskd needs a ViT student (its patch tokens get the dense targets), "
             f"but student.name={config.student.name} is a {type(student).__name__}: use a timm "
             "ViT, or distill.method=deit (token/logit distillation) or none for a CNN"
+        )
+    problem = patch_logits_problem(student)
+    if problem is not None:
+        raise ConfigError(
+            f"distill.method=cskd needs patch logits, but student.name={config.student.name}: "
+            f"{problem}; use a ViT with a patch grid (ViT, DeiT, EVA, BEiT, CaiT), or "
+            "distill.method=deit (it trains this student on its class token)"
         )
 
 
