@@ -234,11 +234,17 @@ def test_gpu_study_script_quick_mode_runs_every_run_of_the_full_regime_on_the_cp
         timeout=600,
     )
     assert result.returncode == 0, result.stderr + "".join(
-        path.read_text()[-2000:] for path in tmp_path.glob("gpu_study_worker*.log")
+        path.read_text()[-2000:] for path in tmp_path.glob("gpu_study_*worker*.log")
     )
     results = json.loads((tmp_path / "regime_full_quick.json").read_text())
     assert len(results["runs"]) == 1 + 4  # the teacher, then every method once in quick mode
     assert "data.root=" + FASHION_MNIST_ROOT in results["runs"]["deit-seed0"]["overrides"]
+    # then DeiT's augmentation on the same data, with the full regime's teacher
+    recipe = json.loads((tmp_path / "regime_full-recipe_quick.json").read_text())["runs"]
+    assert recipe["teacher"]["shared_from"] == "full"
+    assert recipe["teacher"]["weights_sha256"] == results["runs"]["teacher"]["weights_sha256"]
+    assert "augment.cutmix=1.0" in recipe["cskd-linear-seed0"]["overrides"]
+    assert "data.train_subset=0" in recipe["cskd-linear-seed0"]["overrides"]
     missing = subprocess.run(
         ["bash", str(script), str(tmp_path / "nowhere")], capture_output=True, text=True
     )
