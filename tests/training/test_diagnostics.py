@@ -103,6 +103,11 @@ def test_training_logs_diagnostics_and_cskd_diagnose_draws_them(tmp_path, tiny_r
         assert all(0.0 < value < 32 * math.sqrt(2) for value in found["attention_distance"])
         assert 0.0 <= found["teacher"]["local_top1"] <= 100.0
         assert set(found["student"]) == {"follows_ckf_target", "follows_local", "follows_global"}
+        cutmix = found["cutmix"]
+        assert set(cutmix) == {"teacher", "student", "token_target"}
+        for kind in ("inside", "outside"):
+            shares = cutmix["teacher"][kind]
+            assert shares["pasted"] + shares["base"] + shares["neither"] == pytest.approx(100.0)
 
     capsys.readouterr()
     assert main(["diagnose", str(run_dir), "--images", "8"]) == 0
@@ -110,13 +115,14 @@ def test_training_logs_diagnostics_and_cskd_diagnose_draws_them(tmp_path, tiny_r
     final = json.loads(shown.out)
     out = run_dir / "diagnostics"
     listed = ", ".join(
-        str(out / name) for name in ("diagnostics.json", "maps.png", "over_training.png")
+        str(out / name)
+        for name in ("diagnostics.json", "maps.png", "cutmix.png", "over_training.png")
     )
     assert f"cskd diagnose: wrote {listed}" in shown.err
     assert final["local_weight"] == 0.5 and "student" in final
     written = json.loads((run_dir / "diagnostics" / "diagnostics.json").read_text())
     assert written["images"] == 8 and len(written["over_training"]) == 2
-    for picture in ("maps.png", "over_training.png"):
+    for picture in ("maps.png", "cutmix.png", "over_training.png"):
         assert (run_dir / "diagnostics" / picture).stat().st_size > 5000, picture
 
 
@@ -170,4 +176,24 @@ def test_the_diagnostics_give_the_teacher_its_own_normalisation():
     assert "teacher" in result and seen
     mean = torch.tensor(teacher_mean).view(1, 3, 1, 1)
     std = torch.tensor(teacher_std).view(1, 3, 1, 1)
-    torch.testing.assert_close(seen[-1], (pixels - mean) / std)
+    assert len(seen) == 2  # the probe batch, then the CutMix pairs of the mechanism probe
+    torch.testing.assert_close(seen[0], (pixels - mean) / std)
+
+
+def test_cutmix_answers_count_whose_label_each_cell_gives_inside_and_outside_the_box():
+    from cskd.training.diagnostics import cutmix_answers
+
+    targets = torch.tensor([0, 1, 2, 2])  # pairs (0, 3) and (1, 2); pair (1, 2) differs too
+    partner = torch.zeros(4, 4, 4)
+    partner[:, :2, :2] = 1.0  # the top-left quarter of every image is pasted
+    answers = torch.full((4, 2, 2), 3)  # a class no image has: "neither"
+    answers[0, 0, 0] = 2  # image 0, inside: its partner (image 3) has label 2 -> pasted
+    answers[0, 1, 1] = 0  # image 0, outside: its own label -> base
+    answers[1, 0, 0] = 1  # image 1, inside: its own label -> base
+    answers[2, 1, 0] = 1  # image 2, outside: its partner's (image 1) label -> pasted
+    found = cutmix_answers(answers, partner, targets)
+    # every pair differs here: 4 inside cells and 12 outside cells
+    assert found["inside"] == {"pasted": 25.0, "base": 25.0, "neither": 50.0, "cells": 4}
+    assert found["outside"]["cells"] == 12
+    assert found["outside"]["base"] == pytest.approx(100 / 12)
+    assert found["outside"]["pasted"] == pytest.approx(100 / 12)

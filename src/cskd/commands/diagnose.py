@@ -94,6 +94,14 @@ def diagnose_run(
             class_names=getattr(val_set, "classes", None),
         )
         written.append(out / "maps.png")
+    if "cutmix" in result["final"]:
+        diagnostics.plot_cutmix(
+            out / "cutmix.png",
+            result["final"]["cutmix"],
+            title=f"{run_dir.name}: whose label each answer is under CutMix "
+            f"({result['images'] - result['images'] % 2} validation images, paired)",
+        )
+        written.append(out / "cutmix.png")
     if result["over_training"]:
         title = f"{run_dir.name}: {config.distill.method}, schedule {config.distill.schedule}"
         diagnostics.plot_over_training(

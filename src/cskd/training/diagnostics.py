@@ -17,10 +17,12 @@ student's patch predictions follow the CKF target, and how far each layer of the
 from __future__ import annotations
 
 import math
+import random
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -155,6 +157,94 @@ def attention_distance(student: DenseStudent, images: torch.Tensor) -> list[floa
     return result
 
 
+def cutmix_answers(
+    answers: torch.Tensor, partner: torch.Tensor, targets: torch.Tensor
+) -> dict[str, dict[str, float]]:
+    """Whose label each cell answers under CutMix, in percent of the cells of each kind.
+
+    answers (N, H, W) class indices on a grid (a teacher's cell argmax, a student's patch
+    predictions); partner (N, S, S) the pasted image's share of each pixel (image i's paste comes
+    from image N - 1 - i, timm's pairing); targets (N,). Cells at least half pasted are ``inside``
+    the box, the rest ``outside``; for each kind: ``pasted`` (the answer is the pasted image's
+    label), ``base`` (the base image's), ``neither``. Pairs with the same label are left out
+    (their cells cannot tell the two apart)."""
+    grid = tuple(answers.shape[-2:])
+    share = F.adaptive_avg_pool2d(partner.float()[:, None], grid)[:, 0]  # (N, H, W)
+    base, pasted = targets[:, None, None], targets.flip(0)[:, None, None]
+    usable = (base != pasted).expand_as(answers)
+    result = {}
+    for kind, cells in (("inside", share >= 0.5), ("outside", share < 0.5)):
+        cells = cells & usable
+        count = max(int(cells.sum()), 1)
+        is_pasted, is_base = (answers == pasted) & cells, (answers == base) & cells
+        result[kind] = {
+            "pasted": 100.0 * int(is_pasted.sum()) / count,
+            "base": 100.0 * int(is_base.sum()) / count,
+            "neither": 100.0
+            * int((cells & ~(answers == pasted) & ~(answers == base)).sum())
+            / count,
+            "cells": int(cells.sum()),
+        }
+    return result
+
+
+def cutmix_probe(
+    student: nn.Module,
+    teacher: DenseTeacher,
+    pixels: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    student_norm: tuple[torch.Tensor, torch.Tensor],
+) -> dict:
+    """The mechanism under CutMix (issue 19): on the probe images pasted into each other with
+    timm's CutMix (a fixed box per pair, drawn from a fixed seed that leaves the run's random
+    state untouched), whose label the teacher's cells, the student's patch predictions and
+    DeiT's single token target answer. The teacher sees the mixed batch in its own
+    normalisation, as in training. pixels (N, C, S, S) in [0, 1] with N even, targets (N,).
+    Returns ``{"teacher": cutmix_answers, "student": ... (a ViT), "token_target": {"pasted",
+    "base", "neither"}}``."""
+    from timm.data import Mixup
+
+    from ..teacher.cached import mix_with_partner_weights
+
+    count = pixels.shape[0] - pixels.shape[0] % 2
+    pixels, targets = pixels[:count], targets[:count]
+    mean, std = student_norm
+    images = (pixels - mean) / std
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    np.random.seed(0)
+    random.seed(0)
+    try:
+        cutmix = Mixup(
+            cutmix_alpha=1.0, mixup_alpha=0.0, mode="elem", num_classes=1 + int(targets.max())
+        )
+        mixed, _, partner = mix_with_partner_weights(cutmix, images.clone(), targets)
+    finally:
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
+    output = teacher(teacher.renormalize(mixed, mean=mean, std=std))
+    dense, global_logits = output.dense_logits.float(), output.global_logits.float()
+    result = {"teacher": cutmix_answers(dense.argmax(1), partner, targets)}
+    if isinstance(student, DenseStudent):
+        was_training = student.training
+        student.eval()
+        grid = tuple(dense.shape[-2:])
+        patches = student(mixed, output_grid=grid).patch_logits.argmax(-1).view(-1, *grid)
+        student.train(was_training)
+        result["student"] = cutmix_answers(patches, partner, targets)
+    token = global_logits.argmax(1)  # DeiT's hard token target for the whole mixed image
+    usable = targets != targets.flip(0)
+    count = max(int(usable.sum()), 1)
+    result["token_target"] = {
+        "pasted": 100.0 * int(((token == targets.flip(0)) & usable).sum()) / count,
+        "base": 100.0 * int(((token == targets) & usable).sum()) / count,
+        "neither": 100.0
+        * int((usable & (token != targets) & (token != targets.flip(0))).sum())
+        / count,
+    }
+    return result
+
+
 @torch.no_grad()
 def measure(
     student: nn.Module,
@@ -166,6 +256,7 @@ def measure(
     schedule: str,
     teacher_images: torch.Tensor | None = None,
     object_mask: torch.Tensor | None = None,
+    cutmix: dict | None = None,
 ) -> dict:
     """Every diagnostic on one batch: ``attention_distance`` (a list per block, for a ViT),
     ``teacher`` (:func:`teacher_map_quality`) and ``student`` (:func:`student_agreement` at
@@ -192,6 +283,8 @@ def measure(
         result["student"] = student_agreement(
             patch_logits, dense, global_logits, weight=result["local_weight"]
         )
+    if cutmix is not None:
+        result["cutmix"] = cutmix_probe(student, teacher, targets=targets, **cutmix)
     return result
 
 
@@ -270,6 +363,43 @@ def _cells(cells: torch.Tensor):
             yield (i, j), int(cells[i, j])
 
 
+def plot_cutmix(path: Path, cutmix: dict, *, title: str) -> None:
+    """A PNG of :func:`cutmix_probe`: for the teacher's cells and the student's patches inside and
+    outside the pasted box, and for DeiT's token target, the share answering the pasted image's
+    label, the base image's, or neither (stacked bars, percent)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    bars = [
+        (f"{who}\n{kind}", cutmix[who][kind])
+        for who in ("teacher", "student")
+        if who in cutmix
+        for kind in ("inside", "outside")
+    ]
+    bars.append(("DeiT token\ntarget", cutmix["token_target"]))
+    figure, axis = pyplot.subplots(figsize=(1.3 * len(bars) + 1.5, 3.4))
+    bottom = [0.0] * len(bars)
+    for answer, colour in (("pasted", "tab:orange"), ("base", "tab:blue"), ("neither", "tab:gray")):
+        heights = [values[answer] for _, values in bars]
+        axis.bar([label for label, _ in bars], heights, bottom=bottom, color=colour, label=answer)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    axis.set_ylabel("answers (%)")
+    axis.set_title(title, fontsize=8)
+    axis.legend(
+        fontsize=7,
+        title="label answered",
+        title_fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1, 1),
+    )
+    axis.tick_params(axis="x", labelsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    pyplot.close(figure)
+
+
 def plot_over_training(path: Path, records: list[dict], *, title: str) -> None:
     """A PNG of the per-epoch diagnostics of ``metrics.jsonl`` epoch records: the student's
     agreement with the CKF, local and global targets, and the attention distance per block."""
@@ -335,6 +465,7 @@ class Probe:
             self.object_mask = F.interpolate(stacked, size=size, mode="nearest")[:, 0] > 0.5
             self.object_mask = self.object_mask.to(device)
         self.schedule = schedule
+        self.student_norm = student_norm
 
     def measure(self, student: nn.Module, teacher: DenseTeacher | None, *, progress: float) -> dict:
         return measure(
@@ -346,4 +477,5 @@ class Probe:
             schedule=self.schedule,
             teacher_images=teacher.normalize(self.device_pixels) if teacher is not None else None,
             object_mask=self.object_mask,
+            cutmix={"pixels": self.device_pixels, "student_norm": self.student_norm},
         )
