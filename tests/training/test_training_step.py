@@ -177,3 +177,23 @@ def test_a_compiled_run_trains(tiny_run):
 
     overrides = {"train.compile": "true", "train.compile_backend": "eager", "optim.epochs": 1}
     assert main(["train", *tiny_run(**overrides), "train.max_steps_per_epoch=2"]) == 0
+
+
+def test_the_teacher_is_compiled_once_after_the_preflight(tiny_run, monkeypatch):
+    """The pre-flight's batches have other shapes than training's: compiling the teacher before
+    them cost one compile per shape (80 s each on a CPU)."""
+    import cskd.training.preflight
+    import cskd.training.run
+    from cskd.method.adapters import DenseTeacher
+
+    events = []
+    check_run = cskd.training.preflight.check_run
+    monkeypatch.setattr(
+        cskd.training.preflight,
+        "check_run",
+        lambda *args, **kwargs: (events.append("pre-flight"), check_run(*args, **kwargs))[1],
+    )
+    monkeypatch.setattr(DenseTeacher, "compile", lambda self, **kwargs: events.append("compile"))
+    overrides = {"train.compile": "true", "train.compile_backend": "eager"}
+    assert main(["train", *tiny_run(**overrides, **{"train.stop_after_steps": 1})]) == 0
+    assert events == ["pre-flight", "compile"], events

@@ -143,9 +143,8 @@ def _train(
     fresh = resume_path(config.train, run_dir) is None  # a resumed run's weights come from last.pt
     student = distributed.together(build_student, config, initial_weights=fresh).to(device)
     teacher = distributed.together(build_teacher, config)
-    if teacher is not None:
-        # with a cache the teacher serves only the pre-flight and diagnostics: not compiled
-        teacher = place_teacher(config, teacher, device, compile=not config.teacher.cache)
+    if teacher is not None:  # compiled after the pre-flight, whose batches have other shapes
+        teacher = place_teacher(config, teacher, device, compile=False)
     cached_teacher = None  # teacher.cache: the step reads the teacher's targets from disk
     if config.teacher.cache:
         cached_teacher = distributed.together(
@@ -180,6 +179,10 @@ def _train(
 
     if info.is_main:  # warnings only once every check has passed (errors stay one line)
         preflight.check_machine(config, world_size=info.world_size)
+    if teacher is not None and config.train.compile and not config.teacher.cache:
+        # one compile, for the training batch (with a cache the teacher serves only the
+        # pre-flight and diagnostics: not compiled)
+        teacher.compile(backend=config.train.compile_backend)
     state = resume_run(
         config,
         run_dir,
