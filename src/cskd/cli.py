@@ -52,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
         "--classes-by-name",
         action="store_true",
         help="data whose classes are some of the model's: score each image under the model's "
-        "label of its class name (without it, other class names are refused)",
+        "label of its class name, compared ignoring case and punctuation (a folder T-shirt_top is "
+        "the class T-shirt/top); without it, other class names are refused",
     )
     evaluate.add_argument("overrides", nargs="*", help="section.key=value overrides")
     diagnose = commands.add_parser(
@@ -63,7 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     diagnose.add_argument("--images", type=int, default=256, help="validation images measured")
     diagnose.add_argument("overrides", nargs="*", help="section.key=value overrides")
     demo = commands.add_parser("demo", help="the Fashion-MNIST demo: teacher, then students")
-    demo.add_argument("--output-dir", default="runs/demo")
+    demo.add_argument(
+        "--output-dir", help="where the three runs go (default runs/demo, --quick: runs/demo-quick)"
+    )
     demo.add_argument("--quick", action="store_true", help="a few steps of each run (tests)")
     return parser
 

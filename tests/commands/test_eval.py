@@ -95,3 +95,44 @@ def test_classes_matched_by_name_take_the_model_labels(tmp_path):
     assert data.classes == ["class_1", "class_3"]
     matched = ClassesByName(data, TRAINED)
     assert [matched[i]["target"] for i in range(len(matched))] == [1, 1, 1, 3, 3, 3]
+
+
+def test_folder_names_match_class_names_that_cannot_be_folder_names(tmp_path):
+    """Fashion-MNIST's "T-shirt/top" cannot name a folder: by name, "T-shirt_top" (or any
+    spelling that differs only in case and punctuation) is that class."""
+    from cskd.commands.eval import ClassesByName, class_key
+    from cskd.data.folder import ImageFolderDataset
+
+    assert class_key("T-shirt/top") == class_key("t-shirt_top") == class_key("T-shirt top")
+    assert class_key("Sandal") != class_key("Sneaker")
+    model = ["T-shirt/top", "Trouser", "Pullover"]
+    folder = _folder(tmp_path, ["T-shirt_top", "pullover"])
+    data = ImageFolderDataset(root=str(folder), split="val", transform=None)
+    assert data.classes == ["T-shirt_top", "pullover"]
+    matched = ClassesByName(data, model)
+    assert [matched[i]["target"] for i in range(len(matched))] == [0, 0, 0, 2, 2, 2]
+    # names that only a key would tell apart are matched exactly
+    assert ClassesByName(data, ["pullover", "T-shirt_top", "Pull-over"]).mapping == [1, 0]
+
+
+def test_eval_scores_the_whole_split_whatever_cap_the_run_trained_with(
+    tmp_path, teacher_checkpoint
+):
+    """A run that evaluated 1 batch per epoch (train.eval_max_batches=1): cskd eval scores
+    every image unless the command itself caps it, and then its log says so."""
+    from conftest import tiny_overrides
+
+    run = tmp_path / "run"
+    capped = {"optim.epochs": 1, "train.eval_max_batches": 1, "data.eval_batch_size": 4}
+    assert main(["train", *tiny_overrides(run, teacher_checkpoint, **capped)]) == 0
+    command = [sys.executable, "-m", "cskd", "eval", "--checkpoint", str(run / "last.pt")]
+    whole = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    images = json.loads(whole.stdout)["images"]
+    assert images > 4 and f"on {images} images" in whole.stderr
+    first = subprocess.run(
+        [*command, "train.eval_max_batches=1"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert json.loads(first.stdout)["images"] == 4
+    assert f"the first 1 batch of 4 images (train.eval_max_batches=1) of {images}" in first.stderr

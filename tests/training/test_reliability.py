@@ -688,3 +688,27 @@ def test_no_shell_anywhere_and_config_paths_are_taken_literally(
     assert main(["train", *overrides, "optim.warmup_epochs=0"]) == 0
     assert (tmp_path / odd / "last.pt").is_file(), "the run did not write under the literal name"
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "pwned2").exists()
+
+
+def test_resume_with_fewer_epochs_than_already_trained_is_refused_and_changes_nothing(
+    tmp_path, teacher_checkpoint, reference, capsys
+):
+    """A finished 3-epoch run resumed with optim.epochs=2 would train nothing and rewrite its
+    config and final metrics as a 2-epoch run: refused in one line, every file left as it was."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    before = {p.relative_to(run_dir): sha256(p) for p in run_dir.rglob("*") if p.is_file()}
+    overrides = tiny_overrides(
+        run_dir, teacher_checkpoint, **{**RUN, "optim.epochs": 2, "train.resume": "auto"}
+    )
+    assert main(["train", *overrides]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "3 epochs" in line and "optim.epochs=2" in line, line
+    after = {p.relative_to(run_dir): sha256(p) for p in run_dir.rglob("*") if p.is_file()}
+    log = Path("train.log")  # appended to: the refused attempt is on record
+    assert (run_dir / log).read_bytes().startswith((reference / log).read_bytes())
+    assert {k: v for k, v in after.items() if k != log} == {
+        k: v for k, v in before.items() if k != log
+    }

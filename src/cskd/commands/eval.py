@@ -32,6 +32,8 @@ log = logging.getLogger("cskd")
 # A saved run is evaluated under every rule; its rules resolve from its method, so that runs
 # saved before `auto` (e.g. deit with cls+dist+patch) still load.
 RULES_FOR_SAVED = ["student.inference_rule=auto", "train.best_rule=auto"]
+# cskd eval scores the whole split, whatever cap the run's per-epoch evaluation had
+WHOLE_SPLIT = ["train.eval_max_batches=0"]
 
 
 def read_saved(checkpoint_path: str | Path) -> tuple[Path, dict, dict, dict | None]:
@@ -75,14 +77,29 @@ class ShowProgress:
         return iter(tqdm(self.loader, desc="evaluating", unit="batch", disable=not self.enabled))
 
 
+def class_key(name: str) -> str:
+    """A class name as matched by name: case and everything but letters and digits dropped, so
+    that a folder ``T-shirt_top`` is the class ``T-shirt/top`` (a ``/`` cannot name a folder)."""
+    return "".join(character for character in name.casefold() if character.isalnum())
+
+
+def key_for(model_classes: list[str]):
+    """:func:`class_key`, or the exact name when two of the model's names share a key."""
+    return class_key if len(set(map(class_key, model_classes))) == len(model_classes) else str
+
+
 class ClassesByName(Dataset):
-    """``dataset`` with each target renumbered to the model's label of the same class name:
-    ``self[i]["target"] == model_classes.index(dataset.classes[dataset[i]["target"]])``."""
+    """``dataset`` with each target renumbered to the model's label of the same class name
+    (compared by :func:`class_key` unless two of the model's names share a key):
+    ``self[i]["target"]`` is the model's label of the class
+    ``dataset.classes[dataset[i]["target"]]``."""
 
     def __init__(self, dataset: Dataset, model_classes: list[str]) -> None:
         self.dataset = dataset
         self.classes = list(model_classes)
-        self.mapping = [self.classes.index(name) for name in dataset.classes]
+        key = key_for(self.classes)
+        labels = {key(name): label for label, name in enumerate(self.classes)}
+        self.mapping = [labels[key(name)] for name in dataset.classes]
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -133,7 +150,8 @@ def match_classes(
     difference = class_difference(trained, found)
     if not difference:
         return dataset, None
-    unknown = [name for name in found if name not in trained]
+    key = key_for(trained)
+    unknown = [name for name in found if key(name) not in set(map(key, trained))]
     if by_name and not unknown:
         log.warning(f"classes matched by name: {len(found)} of the model's {len(trained)}")
         return ClassesByName(dataset, trained), {"matched_by_name": found, "of": len(trained)}
@@ -168,7 +186,8 @@ def evaluate_checkpoint(
     """
     path, saved_config, states, exported = read_saved(checkpoint_path)
     if config is None or isinstance(config, list):  # the saved config, plus overrides
-        config = from_dict(apply_overrides(saved_config, [*RULES_FOR_SAVED, *(config or [])]))
+        overrides = [*RULES_FOR_SAVED, *WHOLE_SPLIT, *(config or [])]
+        config = from_dict(apply_overrides(saved_config, overrides))
     if "pos_embed" in states["student"]:  # a ViT: built for the size it is evaluated at
         config.student.kwargs = {**config.student.kwargs, "img_size": config.data.image_size}
     info = distributed.init_distributed(
@@ -208,7 +227,12 @@ def evaluate_checkpoint(
         )
     norm = normalizer(config.data.mean, config.data.std, device)
     weights = "its weights and their EMA" if ema is not None else "its weights (no EMA saved)"
-    log.info(f"evaluating {path}: {weights} on {len(val_set)} images, every inference rule")
+    cap = config.train.eval_max_batches
+    images = f"{len(val_set)} images"
+    if cap and cap * loader.batch_size < len(val_set):
+        batches = f"{cap} batch{'es' if cap > 1 else ''} of {loader.batch_size} images"
+        images = f"the first {batches} (train.eval_max_batches={cap}) of {images}"
+    log.info(f"evaluating {path}: {weights} on {images}, every inference rule")
     shown = ShowProgress(loader, enabled=info.is_main)
     try:
         metrics = evaluate_with_ema(

@@ -285,6 +285,15 @@ def restore(
     if scaler is not None and checkpoint.get("scaler"):
         scaler.load_state_dict(checkpoint["scaler"])
     state = TrainState(**checkpoint["state"])
+    epochs = config.optim.epochs
+    if state.epoch > epochs or (state.epoch == epochs and state.step_in_epoch):
+        raise ConfigError(
+            f"{source} has already trained {state.epoch} epochs"
+            f"{f' and {state.step_in_epoch} steps' if state.step_in_epoch else ''}, more than "
+            f"optim.epochs={epochs}: resuming would train nothing and rewrite the run's results "
+            f"as a shorter one; set optim.epochs>={state.epoch + bool(state.step_in_epoch)} or "
+            "another train.output_dir"
+        )
     saved_batch = checkpoint.get("global_batch", global_batch)
     saved_steps = checkpoint.get("steps_per_epoch", steps_per_epoch)
     if saved_batch != global_batch:  # another world size or batch: the epoch's images kept
