@@ -102,3 +102,21 @@ def test_the_readme_timm_alone_example_loads_the_export_without_warnings(demo, c
         output = student((images - names["mean"]) / names["std"], output_grid=(1, 1))
         assert torch.allclose(names["logits"], combine_heads(output, "cls+dist"), atol=1e-5)
         assert torch.allclose(model.state_dict()["head.weight"], student.model.head.weight)
+
+
+def test_the_readme_own_loop_example_trains_with_the_demo_teacher(demo, tmp_path, monkeypatch):
+    import shutil
+
+    root, _ = demo
+    shutil.copytree(root / "runs" / "demo-quick", tmp_path / "runs" / "demo")
+    section = README.split("### Your own training loop", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    names: dict = {}
+    exec(compile(code, "README.md", "exec"), names)  # noqa: S102 - the README's own example
+    task = names["task"]
+    assert task.calls == 6 and task.progress == 1.0  # 2 epochs x 3 steps: the schedule's end
+    assert set(names["result"]) == {"loss", "output", "base", "token", "cskd", "local_weight"}
+    assert names["result"]["local_weight"].item() == 0.5  # the last epoch: t = epoch / epochs
+    assert names["model"](torch.randn(8, 1, 32, 32)).shape == (8, 10)
+    assert task.teacher.input_mean.flatten().tolist() == pytest.approx([0.286])

@@ -7,6 +7,7 @@ The public API, importable from ``cskd`` directly (each loaded on first use, so 
   :func:`diagnose_run`, :func:`run_demo`
 - models: :class:`DenseTeacher`, :class:`DenseStudent`, :func:`load_teacher`,
   :func:`load_student`, :func:`combine_heads`
+- your own training loop: :class:`CSKDTask` (a timm training task)
 - the method: :class:`Distiller`, :func:`objective`, :class:`ObjectiveWeights`,
   :func:`cskd_loss`, :func:`token_loss`, :func:`base_loss`, :func:`fused_target`,
   :func:`local_weight`, :func:`training_progress`, :func:`align_to_grid`
@@ -33,6 +34,7 @@ _HOMES = {
     "load_teacher": "cskd.training.models",
     "load_student": "cskd.training.models",
     "Distiller": "cskd.method.distiller",
+    "CSKDTask": "cskd.training.task",
     "objective": "cskd.method.losses",
     "ObjectiveWeights": "cskd.method.losses",
     "cskd_loss": "cskd.method.losses",

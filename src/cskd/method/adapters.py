@@ -12,6 +12,7 @@ parameters, and returns the same named structure in train and eval mode.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -251,7 +252,38 @@ class DenseTeacher(nn.Module):
             )
 
 
-class DenseStudent(nn.Module):
+def state_dict_of_child(module: nn.Module, child: str) -> None:
+    """Make ``module``'s state dict its submodule ``child``'s own: keys without the ``child.``
+    prefix, saved and loaded alike whether ``module`` is the top module or nested in another
+    (a training task, a distiller)."""
+    module.register_state_dict_post_hook(functools.partial(_drop_prefix, child=child))
+    module.register_load_state_dict_pre_hook(functools.partial(_add_prefix, child=child))
+
+
+def _drop_prefix(module: nn.Module, state: dict, prefix: str, _metadata, *, child: str) -> None:
+    ours = [key for key in state if key.startswith(f"{prefix}{child}.")]
+    for key in ours:  # popped and put back in order: they are the last keys written
+        state[prefix + key[len(prefix) + len(child) + 1 :]] = state.pop(key)
+
+
+def _add_prefix(module: nn.Module, state: dict, prefix: str, *_, child: str) -> None:
+    ours = [key for key in state if key.startswith(prefix)]
+    for key in ours:
+        if not key.startswith(f"{prefix}{child}."):
+            state[f"{prefix}{child}.{key[len(prefix):]}"] = state.pop(key)
+
+
+class TimmModelWrapper(nn.Module):
+    """A wrapper of one timm ``model`` whose state dict is the model's own
+    (:func:`state_dict_of_child`), so its weights load into ``timm.create_model``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        state_dict_of_child(self, "model")
+
+
+class DenseStudent(TimmModelWrapper):
     """A timm ViT that returns :class:`StudentOutput` in train and eval mode alike.
 
     Its ``state_dict`` is the wrapped timm model's, so it loads into ``timm.create_model(name)``.
@@ -259,12 +291,10 @@ class DenseStudent(nn.Module):
     """
 
     def __init__(self, model: nn.Module, *, inference_rule: str = "cls+dist+patch") -> None:
-        super().__init__()
         if inference_rule not in INFERENCE_RULES:
             raise ValueError(
                 f"unknown inference rule {inference_rule!r}: choose one of {INFERENCE_RULES}"
             )
-        self.inference_rule = inference_rule
         if not is_vit(model):
             raise TypeError(
                 f"{type(model).__name__} is not a timm Vision Transformer "
@@ -273,7 +303,8 @@ class DenseStudent(nn.Module):
         problem = patch_logits_problem(model)
         if problem is not None:
             raise TypeError(f"{type(model).__name__} cannot give patch logits: {problem}")
-        self.model = model
+        super().__init__(model)
+        self.inference_rule = inference_rule
         self.distilled = getattr(model, "dist_token", None) is not None
 
     @property
@@ -285,12 +316,6 @@ class DenseStudent(nn.Module):
     def patch_head(self) -> nn.Module:
         """The head applied to patch tokens: the distillation head, or the class head."""
         return self.model.head_dist if self.distilled else self.model.head
-
-    def state_dict(self, *args, **kwargs):
-        return self.model.state_dict(*args, **kwargs)
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _grid_for(self, images: torch.Tensor) -> tuple[int, int]:
         if getattr(self.model, "dynamic_img_size", False):
@@ -354,20 +379,13 @@ def combine_heads(output: StudentOutput, rule: str = "cls+dist+patch") -> torch.
     return torch.stack(heads).mean(dim=0)
 
 
-class PlainClassifier(nn.Module):
+class PlainClassifier(TimmModelWrapper):
     """Any timm classifier (e.g. a CNN trained as a teacher with method ``none``) behind the
     :class:`StudentOutput` contract: only ``cls_logits`` is set."""
 
     def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         self.distilled = False
-
-    def state_dict(self, *args, **kwargs):
-        return self.model.state_dict(*args, **kwargs)
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
 
     def forward(self, images: torch.Tensor, **_: object) -> StudentOutput:
         return StudentOutput(self.model(images), None, None, (1, 1))

@@ -1,0 +1,175 @@
+"""``CSKDTask``: CSKD inside a user's own loop, as a timm training task."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from conftest import TINY_STUDENT, TINY_TEACHER
+from timm.data import Mixup
+
+from cskd import CSKDTask, Distiller, ObjectiveWeights
+from cskd.errors import ConfigError
+from cskd.method.adapters import DenseStudent, DenseTeacher
+from cskd.method.distiller import normalizer
+
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)  # the student's normalisation (not the teacher's)
+
+
+def student_model() -> torch.nn.Module:
+    torch.manual_seed(1)
+    return timm.create_model(
+        "deit_tiny_distilled_patch16_224", pretrained=False, num_classes=4, **TINY_STUDENT
+    )
+
+
+def make_task(teacher_checkpoint, **options) -> CSKDTask:
+    options = {"epochs": 2, "steps_per_epoch": 3, "progress": "step", **options}
+    return CSKDTask(
+        student_model(),
+        "resnet18",
+        teacher_checkpoint=teacher_checkpoint,
+        teacher_kwargs=TINY_TEACHER,
+        student_mean=MEAN,
+        student_std=STD,
+        **options,
+    )
+
+
+def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.rand(8, 3, 32, 32, generator=generator)
+    mean, std = normalizer(MEAN, STD, "cpu")
+    return (pixels - mean) / std, torch.arange(8) % 4
+
+
+def test_a_plain_loop_with_timm_mixup_trains_the_student_and_never_the_teacher(
+    teacher_checkpoint,
+):
+    task = make_task(teacher_checkpoint).train()
+    teacher_before = {k: v.clone() for k, v in task.teacher.state_dict().items()}
+    student_before = {k: v.clone() for k, v in task.trainable_module.state_dict().items()}
+    optimizer = torch.optim.AdamW(task.get_trainable_module().parameters(), lr=1e-2)
+    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=4)
+    weights = []
+    for step in range(4):
+        images, labels = batch(step)
+        images, targets = mixup(images, labels)  # (8, 4) soft targets: the teacher sees the mix
+        result = task(images, targets)
+        optimizer.zero_grad()
+        result["loss"].backward()
+        optimizer.step()
+        assert set(result) == {"loss", "output", "base", "token", "cskd", "local_weight"}
+        assert result["output"].shape == (8, 4) and torch.isfinite(result["loss"])
+        weights.append(result["local_weight"].item())
+    # a(t) = 1 - t with t counted by the task: 0, 1, 2, 3 steps of 6
+    assert weights == pytest.approx([1.0, 5 / 6, 4 / 6, 3 / 6])
+    assert all(torch.equal(v, task.teacher.state_dict()[k]) for k, v in teacher_before.items())
+    after = task.trainable_module.state_dict()
+    assert any(not torch.equal(v, after[k]) for k, v in student_before.items())
+    assert not any(p.requires_grad for p in task.teacher.parameters())
+
+
+def test_the_task_loss_is_the_trainers_distiller_loss_at_the_same_progress(teacher_checkpoint):
+    """The trainer's Distiller, fed t by hand, and the task, counting t itself, agree exactly."""
+    task = make_task(teacher_checkpoint, grad_accum_steps=2).train()
+    distiller = Distiller(
+        task.trainable_module,
+        task.teacher,
+        ObjectiveWeights(),
+        student_norm=normalizer(MEAN, STD, "cpu"),
+    )
+    for call in range(6):
+        images, labels = batch(call)
+        expected, parts = distiller(images, labels, (call // 2) / 6)  # 2 calls per step
+        got = task(images, labels)
+        assert torch.equal(got["loss"], expected), call
+        assert got["local_weight"].item() == pytest.approx(parts["local_weight"])
+    # a loop that evaluates with the task (eval mode) does not advance the schedule
+    task.eval()
+    task(*batch(9))
+    assert task.calls == 6 and task.progress == pytest.approx(3 / 6)
+
+
+def test_checkpoint_state_round_trip_keeps_the_weights_and_the_schedule(teacher_checkpoint):
+    task = make_task(teacher_checkpoint, progress="epoch").train()
+    task.setup_ema(decay=0.5)
+    optimizer = torch.optim.SGD(task.get_trainable_module().parameters(), lr=0.1)
+    for step in range(4):
+        task(*batch(step))["loss"].backward()
+        optimizer.step()
+        task.update_ema()
+    state = task.get_checkpoint_state()
+    ema_state = task.get_checkpoint_state(ema=True)
+    assert state["task_state"]["calls"] == 4 and task.progress == pytest.approx(1 / 2)
+    # the saved weights are the timm model's: they load into timm.create_model directly
+    plain = student_model()
+    plain.load_state_dict(state["state_dict"])
+    assert not any(key.startswith(("student.", "model.")) for key in state["state_dict"])
+
+    resumed = make_task(teacher_checkpoint, progress="epoch")
+    resumed.setup_ema(decay=0.5)
+    resumed.load_checkpoint_state(state["state_dict"], state["task_state"])
+    resumed.load_checkpoint_state(ema_state["state_dict_ema"], ema_state["task_state_ema"], ema=True)
+    assert resumed.calls == 4 and resumed.progress == task.progress
+    images, labels = batch(7)
+    task.eval(), resumed.eval()
+    assert torch.equal(task(images, labels)["loss"], resumed(images, labels)["loss"])
+    for ema in (False, True):  # the evaluators' models: (N, K) logits under the saved rule
+        logits = resumed.get_eval_model(ema=ema)(images)
+        assert torch.equal(logits, task.get_eval_model(ema=ema)(images))
+        assert logits.shape == (8, 4)
+    student = resumed.trainable_module
+    assert torch.allclose(resumed.get_eval_model()(images), student.predict(images))
+
+
+def test_the_student_and_the_distiller_save_and_load_alike_when_nested(teacher_checkpoint):
+    """A DenseStudent's keys are its timm model's at the top and nested alike (the task holds it
+    inside), and a Distiller's state dict holds the student only, not the frozen teacher."""
+    student = DenseStudent(student_model())
+    nested = torch.nn.Sequential(student)
+    keys = list(nested.state_dict())
+    assert keys[0] == "0.cls_token" and all(k.startswith("0.") for k in keys)
+    assert not nested.load_state_dict(nested.state_dict()).missing_keys
+    teacher = DenseTeacher(
+        timm.create_model("resnet18", num_classes=4, **TINY_TEACHER), check_size=32
+    )
+    distiller = Distiller(student, teacher, ObjectiveWeights(), student_norm=normalizer(MEAN, STD, "cpu"))
+    state = distiller.state_dict()
+    assert state and all(key.startswith("student.") for key in state)
+    result = distiller.load_state_dict(state)
+    assert not result.missing_keys and not result.unexpected_keys
+
+
+def test_what_the_task_cannot_serve_is_refused_in_one_line(teacher_checkpoint):
+    cnn = timm.create_model("resnet18", num_classes=4, **TINY_TEACHER)
+    with pytest.raises(ConfigError, match=r"ResNet cannot be a CSKD student: .*method=\"deit\""):
+        CSKDTask(cnn, "resnet18", teacher_checkpoint=teacher_checkpoint, epochs=1, steps_per_epoch=1)
+    with pytest.raises(ConfigError, match="progress='batch'"):
+        make_task(teacher_checkpoint, progress="batch")
+    # under deit a CNN student is served, from a teacher module given as such
+    teacher = timm.create_model("resnet18", num_classes=4, **TINY_TEACHER)
+    task = CSKDTask(
+        cnn,
+        teacher,
+        weights=ObjectiveWeights(method="deit"),
+        epochs=1,
+        steps_per_epoch=1,
+        image_size=32,
+    )
+    result = task(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
+    assert set(result) == {"loss", "output", "base", "token"}
+
+
+def test_compile_gives_the_same_loss_and_compiles_each_model_once(teacher_checkpoint):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    reference = make_task(teacher_checkpoint).train()
+    task = make_task(teacher_checkpoint).train()
+    task.compile(backend="eager")
+    for step in range(3):
+        images, labels = batch(step)
+        assert torch.allclose(task(images, labels)["loss"], reference(images, labels)["loss"])
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs == 2, graphs  # the student and the teacher, once each over three steps
