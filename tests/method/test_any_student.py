@@ -55,3 +55,93 @@ def test_a_student_without_a_classifier_is_refused_for_every_method(capsys):
         line = capsys.readouterr().err.strip()
         assert "\n" not in line and "student.kwargs.num_classes" in line, line
         assert "data.num_classes" in line, line
+
+
+# ------------------------------------------------------------ hierarchical and convolutional students
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+
+from cskd.method.adapters import MapStudent, combine_heads, wrap_student  # noqa: E402
+
+# tiny members of each family, at 64 px: the final map is 2 x 2 (stride 32) unless noted
+FAMILIES = {
+    "swin": ("swin_tiny_patch4_window7_224", {"embed_dim": 24, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 2, 2), "img_size": 64, "window_size": 2}),
+    "convnext": ("convnext_atto", {"dims": (16, 32, 48, 64), "depths": (1, 1, 1, 1)}),
+    "pvt_v2": ("pvt_v2_b0", {"embed_dims": (16, 32, 48, 64), "depths": (1, 1, 1, 1), "num_heads": (1, 1, 1, 1)}),
+    "davit": ("davit_tiny", {"embed_dims": (16, 32, 48, 64), "depths": (1, 1, 1, 1), "num_heads": (1, 1, 2, 2)}),
+    "coatnet": ("coatnet_nano_rw_224", {"img_size": 64}),
+    "resnet (stride 8: 8 x 8)": ("resnet18", {"channels": (8, 16, 32, 64), "output_stride": 8}),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_hierarchical_or_convolutional_student_gives_dense_logits_on_its_final_map(family):
+    name, kwargs = FAMILIES[family]
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=5, **kwargs)
+    student = wrap_student(model, method="cskd")
+    assert isinstance(student, MapStudent)
+    assert isinstance(wrap_student(model, method="deit"), PlainClassifier)  # as before issue 20
+    student.eval()
+    images = torch.randn(2, 3, 64, 64)
+    grid = student.grid(64)
+    full = student(images)
+    assert full.patch_grid == grid and full.patch_logits.shape == (2, grid[0] * grid[1], 5)
+    # the distillation head's pooled output is the mean of its dense logits (DeiT's token target
+    # trains it), and the class head is the model's own
+    assert torch.allclose(full.dist_logits, full.patch_logits.mean(1), atol=1e-5)
+    assert torch.allclose(full.cls_logits, model(images), atol=1e-5)
+    # pooled to a coarser teacher grid by the library's alignment: means over the covered cells
+    pooled = student(images, output_grid=(1, 1))
+    assert torch.allclose(pooled.patch_logits[:, 0], full.dist_logits, atol=1e-5)
+    expected = (full.cls_logits + 2 * full.dist_logits) / 3
+    assert torch.allclose(student.predict(images), expected, atol=1e-5)
+    assert torch.allclose(combine_heads(full, "cls+dist"), (full.cls_logits + full.dist_logits) / 2)
+    # its weights: the timm model's keys plus its own head, saved and loaded at any depth
+    keys = set(student.state_dict())
+    assert keys - set(model.state_dict()) == {
+        "norm_dist.weight", "norm_dist.bias", "head_dist.weight", "head_dist.bias"
+    }
+    nested = torch.nn.Sequential(student)
+    copy = torch.nn.Sequential(MapStudent(timm.create_model(name, num_classes=5, **kwargs)))
+    assert not copy.load_state_dict(nested.state_dict()).missing_keys
+    assert torch.equal(copy[0].eval()(images).patch_logits, full.patch_logits)
+
+
+def test_a_swin_student_trains_with_cskd_exports_and_evaluates(tmp_path, teacher_checkpoint):
+    """A hierarchical student end to end: trained with CSKD from the tiny ResNet teacher (both 2 x 2
+    at 64 px), exported, rebuilt by load_student and scored by cskd eval under every rule."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import tiny_overrides
+
+    from cskd.training.models import load_student
+
+    name, kwargs = FAMILIES["swin"]
+    kwargs = "{embed_dim: 24, depths: [1, 1, 1, 1], num_heads: [1, 1, 2, 2], img_size: 64, window_size: 2}"
+    run = tmp_path / "run"
+    overrides = tiny_overrides(
+        run,
+        teacher_checkpoint,
+        **{
+            "student.name": name,
+            "student.kwargs": kwargs,
+            "data.image_size": 64,
+            "teacher.kwargs": "{channels: [8, 16, 32, 64], output_stride: 32}",
+            "optim.epochs": 1,
+            "optim.warmup_epochs": 0,
+        },
+    )
+    assert main(["train", *overrides]) == 0
+    final = json.loads((run / "final_metrics.json").read_text())["last_epoch"]
+    student = load_student(run)
+    assert isinstance(student, MapStudent) and student.inference_rule == "cls+dist+patch"
+    command = [sys.executable, "-m", "cskd", "eval", "--checkpoint", str(run / "last.pt")]
+    scored = subprocess.run(command, capture_output=True, text=True)
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    metrics = json.loads(scored.stdout)
+    for rule in ("cls", "cls+dist", "cls+dist+patch"):
+        assert metrics[rule]["top1"] == final[rule]["top1"], rule

@@ -132,11 +132,24 @@ def test_typos_in_model_names_and_kwargs_are_one_line_before_any_work(
 # ------------------------------------------------------------------ 10. a CNN student with cskd
 
 
-def test_a_cnn_student_with_cskd_is_refused_and_the_folder_stays_usable(tmp_path, tiny_run):
+def test_a_cnn_student_with_cskd_trains_on_its_final_map(tmp_path, tiny_run):
+    """Refused once (issue 22's case 23); since issue 20 a CNN's final map gets the dense targets
+    through its own distillation head (MapStudent), and the run reports every rule."""
     cnn = ["student.name=resnet18", "student.kwargs={channels: [8, 16, 32, 64], output_stride: 8}"]
-    status, lines = cli("train", *tiny_run(), *cnn, cwd=tmp_path)
+    overrides = tiny_run(**{"optim.epochs": 1, "optim.warmup_epochs": 0})
+    status, lines = cli("train", *overrides, *cnn, cwd=tmp_path)
+    assert status == 0, lines
+    final = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
+    assert {"cls", "cls+dist", "cls+dist+patch"} <= set(final["last_epoch"]), final
+
+
+def test_a_student_without_a_final_map_is_refused_under_cskd_and_the_folder_stays_usable(
+    tmp_path, tiny_run
+):
+    pit = ["student.name=pit_ti_224", "student.kwargs={img_size: 32}"]
+    status, lines = cli("train", *tiny_run(), *pit, cwd=tmp_path)
     assert status == 2 and len(lines) == 1, lines
-    assert "distill.method=cskd" in lines[0] and "ViT" in lines[0] and "none" in lines[0]
+    assert "not an H x W map" in lines[0] and "distill.method=deit" in lines[0], lines[0]
     # the same folder then takes a valid run without train.overwrite
     assert main(["train", *tiny_run(**{"optim.epochs": 1, "optim.warmup_epochs": 0})]) == 0
 

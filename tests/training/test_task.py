@@ -10,7 +10,7 @@ from timm.data import Mixup
 
 from cskd import CSKDTask, Distiller, ObjectiveWeights
 from cskd.errors import ConfigError
-from cskd.method.adapters import DenseStudent, DenseTeacher
+from cskd.method.adapters import DenseStudent, DenseTeacher, MapStudent, PlainClassifier
 from cskd.method.distiller import normalizer
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)  # the student's normalisation (not the teacher's)
@@ -142,23 +142,27 @@ def test_the_student_and_the_distiller_save_and_load_alike_when_nested(teacher_c
 
 
 def test_what_the_task_cannot_serve_is_refused_in_one_line(teacher_checkpoint):
-    cnn = timm.create_model("resnet18", num_classes=4, **TINY_TEACHER)
-    with pytest.raises(ConfigError, match=r"ResNet cannot be a CSKD student: .*method=\"deit\""):
-        CSKDTask(cnn, "resnet18", teacher_checkpoint=teacher_checkpoint, epochs=1, steps_per_epoch=1)
+    common = {"teacher_checkpoint": teacher_checkpoint, "teacher_kwargs": TINY_TEACHER}
+    common.update(epochs=1, steps_per_epoch=1, image_size=32)
+    xcit = timm.create_model("xcit_nano_12_p16_224", img_size=32, embed_dim=32, depth=1, num_heads=2)
+    with pytest.raises(ConfigError, match=r"Xcit cannot be a CSKD student: .*no fixed patch grid"):
+        CSKDTask(xcit, "resnet18", **common)
+    pit = timm.create_model("pit_ti_224", img_size=32, num_classes=4)
+    with pytest.raises(ConfigError, match=r"not an H x W map; .*method=\"deit\""):
+        CSKDTask(pit, "resnet18", **common)
     with pytest.raises(ConfigError, match="progress='batch'"):
         make_task(teacher_checkpoint, progress="batch")
-    # under deit a CNN student is served, from a teacher module given as such
+    # a CNN: a MapStudent under cskd (the teacher a timm model given as such), plain under deit
+    cnn = timm.create_model("resnet18", num_classes=4, **TINY_TEACHER)
     teacher = timm.create_model("resnet18", num_classes=4, **TINY_TEACHER)
-    task = CSKDTask(
-        cnn,
-        teacher,
-        weights=ObjectiveWeights(method="deit"),
-        epochs=1,
-        steps_per_epoch=1,
-        image_size=32,
+    dense = CSKDTask(cnn, teacher, epochs=1, steps_per_epoch=1, image_size=32)
+    assert isinstance(dense.trainable_module, MapStudent)
+    assert set(dense(*batch())) == {"loss", "output", "base", "token", "cskd", "local_weight"}
+    plain = CSKDTask(
+        cnn, teacher, weights=ObjectiveWeights(method="deit"), epochs=1, steps_per_epoch=1
     )
-    result = task(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
-    assert set(result) == {"loss", "output", "base", "token"}
+    assert isinstance(plain.trainable_module, PlainClassifier)
+    assert set(plain(*batch())) == {"loss", "output", "base", "token"}
 
 
 def test_compile_gives_the_same_loss_and_compiles_each_model_once(teacher_checkpoint):

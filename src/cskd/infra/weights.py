@@ -123,11 +123,17 @@ def classifier_weights(model: torch.nn.Module) -> list[tuple[str, int]]:
 
 
 def check_state_fits(
-    state: dict[str, Any], model: torch.nn.Module, *, path: str | os.PathLike, what: str
+    state: dict[str, Any],
+    model: torch.nn.Module,
+    *,
+    path: str | os.PathLike,
+    what: str,
+    expected: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Raise :class:`CheckpointError` naming the keys and shapes where ``state`` and ``model``
-    differ; a classifier with another number of classes is named first, with both numbers."""
-    expected = model.state_dict()
+    differ (or ``expected``, a part of its state dict); a classifier with another number of
+    classes is named first, with both numbers."""
+    expected = model.state_dict() if expected is None else expected
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong_shape = [
@@ -302,9 +308,15 @@ def load_adapted(
     adapt_head: bool = True,
 ) -> list[str]:
     """Load ``state`` into ``model`` after :func:`adapt_state_dict`; re-initialised heads keep
-    the model's own values. Returns one log line per adaptation; raises
-    :class:`CheckpointError` (before touching the model) for any other difference."""
+    the model's own values. A wrapper's own weights beside the timm model's (a MapStudent's
+    distillation head: its ``OWN_KEYS``) load as saved. Returns one log line per adaptation;
+    raises :class:`CheckpointError` (before touching the model) for any other difference."""
     inner = timm_model(model)
+    prefixes = getattr(model, "OWN_KEYS", ())
+    wrapper = {key: value for key, value in state.items() if key.startswith(prefixes)}
+    state = {key: value for key, value in state.items() if key not in wrapper}
+    expected = {k: v for k, v in model.state_dict().items() if prefixes and k.startswith(prefixes)}
+    check_state_fits(wrapper, model, path=path, what=what, expected=expected)
     state, changes, removed = adapt_state_dict(
         state, inner, reset_head=reset_head, adapt_head=adapt_head
     )
@@ -312,6 +324,8 @@ def load_adapted(
     kept = {key: own[key] for key in removed}
     check_state_fits({**state, **kept}, inner, path=path, what=what)
     inner.load_state_dict({**state, **kept})
+    if wrapper:
+        model.load_state_dict({**model.state_dict(), **wrapper})
     return [f"{what}: {change}" for change in changes]
 
 

@@ -267,10 +267,12 @@ def _drop_prefix(module: nn.Module, state: dict, prefix: str, _metadata, *, chil
 
 
 def _add_prefix(module: nn.Module, state: dict, prefix: str, *_, child: str) -> None:
+    own = set(module._modules) - {child}  # the wrapper's other parts (a MapStudent's head_dist)
     ours = [key for key in state if key.startswith(prefix)]
     for key in ours:
-        if not key.startswith(f"{prefix}{child}."):
-            state[f"{prefix}{child}.{key[len(prefix):]}"] = state.pop(key)
+        name = key[len(prefix) :]
+        if name.split(".", 1)[0] not in own and not name.startswith(f"{child}."):
+            state[f"{prefix}{child}.{name}"] = state.pop(key)
 
 
 class TimmModelWrapper(nn.Module):
@@ -379,6 +381,112 @@ def combine_heads(output: StudentOutput, rule: str = "cls+dist+patch") -> torch.
     return torch.stack(heads).mean(dim=0)
 
 
+class MapStudent(TimmModelWrapper):
+    """A hierarchical or convolutional timm classifier (Swin, PVTv2, MaxViT, CoAtNet, DaViT,
+    ConvNeXt, a ResNet: any model whose ``forward_features`` ends in an H x W map) as a CSKD
+    student, returning :class:`StudentOutput` as :class:`DenseStudent` does.
+
+    Its dense logits come from a distillation head beside the model's own class head, as DeiT's
+    distillation token has its own: ``norm_dist`` (LayerNorm over the channels, as a ViT's final
+    norm before its patch head) then ``head_dist`` (linear, C_f -> K) at every location of the
+    final map (N, C_f, H, W), or (N, H, W, C_f) channels-last (timm's ``output_fmt``). The
+    locations are pooled to the teacher's grid before the linear head (exact: both are linear),
+    and ``dist_logits`` is the head on the mean location: the mean of the dense logits, which
+    DeiT's token target trains. ``cls_logits`` is the model's own ``forward_head``. Inference:
+    ``cls+dist+patch`` averages the class head with the distillation head twice (its pooled
+    patch logits equal ``dist_logits``). The state dict is the timm model's keys plus
+    ``norm_dist.*`` and ``head_dist.*``. Not a ViT: those are :class:`DenseStudent`.
+    """
+
+    OWN_KEYS = ("norm_dist.", "head_dist.")  # its state-dict keys that are not the timm model's
+
+    def __init__(self, model: nn.Module, *, inference_rule: str = "cls+dist+patch") -> None:
+        if inference_rule not in INFERENCE_RULES:
+            raise ValueError(
+                f"unknown inference rule {inference_rule!r}: choose one of {INFERENCE_RULES}"
+            )
+        super().__init__(model)
+        self.inference_rule = inference_rule
+        self.distilled = True
+        self.feature_format = _feature_format(model)
+        channels = model.num_features
+        self.norm_dist = nn.LayerNorm(channels)
+        self.head_dist = nn.Linear(channels, model.num_classes)
+
+    @torch.no_grad()
+    def grid(self, image_size: int) -> tuple[int, int]:
+        """The final map's (H, W) for ``image_size`` x ``image_size`` inputs (one blank pass)."""
+        grids = self.__dict__.setdefault("_grids", {})
+        if image_size not in grids:
+            parameter = next(self.model.parameters())
+            channels = _first_conv_channels(self.model)
+            blank = torch.zeros(1, channels, image_size, image_size, device=parameter.device)
+            grids[image_size] = self._locations(self.model.forward_features(blank))[1]
+        return grids[image_size]
+
+    def _locations(self, features: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The final map -> (N, H*W, C_f) row-major, and (H, W)."""
+        if features.ndim != 4:
+            raise TypeError(
+                f"{type(self.model).__name__}'s final features are {tuple(features.shape)}, not an "
+                "H x W map: it cannot give dense logits (use distill.method=deit)"
+            )
+        if self.feature_format == "NHWC":
+            n, h, w, c = features.shape
+            return features.reshape(n, h * w, c), (h, w)
+        n, c, h, w = features.shape
+        return features.flatten(2).transpose(1, 2), (h, w)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        *,
+        output_grid: tuple[int, int] | None = None,
+        with_patches: bool = True,
+    ) -> StudentOutput:
+        """images (N, C, S, S) -> class logits (N, K), distillation logits (N, K) and, unless
+        ``with_patches=False``, dense logits (N, H*W, K) on the final map or on ``output_grid``."""
+        features = self.model.forward_features(images)
+        cls_logits = self.model.forward_head(features)  # (N, K)
+        locations, grid = self._locations(features)  # (N, H*W, C_f)
+        locations = self.norm_dist(locations)
+        dist_logits = self.head_dist(locations.mean(dim=1))  # (N, K): the mean dense logits
+        if not with_patches:
+            return StudentOutput(cls_logits, dist_logits, None, grid)
+        if output_grid is not None:
+            locations = align_to_grid(locations, grid, output_grid)  # (N, H'*W', C_f)
+            grid = tuple(output_grid)
+        return StudentOutput(cls_logits, dist_logits, self.head_dist(locations), grid)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Inference logits (N, K) under ``inference_rule``."""
+        return combine_heads(self(images, output_grid=(1, 1)), self.inference_rule)
+
+
+def map_student_problem(model: nn.Module, image_size: int) -> str | None:
+    """Why a non-ViT timm classifier cannot be a :class:`MapStudent` at ``image_size``, or None:
+    its final features are not an H x W map (PiT ends in tokens), or it has no
+    ``forward_features`` / ``forward_head``. Runs ``forward_features`` once on a blank batch on
+    the model's device (the meta device costs nothing)."""
+    if not all(hasattr(model, n) for n in ("forward_features", "forward_head", "num_features")):
+        return "it has no forward_features / forward_head / num_features (timm's classifier API)"
+    parameter = next(model.parameters())
+    channels = _first_conv_channels(model)
+    blank = torch.zeros(1, channels, image_size, image_size, device=parameter.device)
+    try:
+        with torch.no_grad():
+            features = model.forward_features(blank)
+    except (RuntimeError, NotImplementedError, ValueError, AssertionError) as error:
+        if parameter.device.type == "meta":
+            return None  # a model that does not run on the meta device: the real build checks
+        return f"its forward pass fails at {image_size} px ({str(error).splitlines()[0]})"
+    if not isinstance(features, torch.Tensor) or features.ndim != 4:
+        shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features)
+        return f"its final features are {shape}, not an H x W map"
+    return None
+
+
 class PlainClassifier(TimmModelWrapper):
     """Any timm classifier (e.g. a CNN trained as a teacher with method ``none``) behind the
     :class:`StudentOutput` contract: only ``cls_logits`` is set."""
@@ -418,15 +526,20 @@ def patch_logits_problem(model: nn.Module) -> str | None:
 
 
 def wrap_student(
-    model: nn.Module, *, inference_rule: str = "cls+dist+patch"
-) -> DenseStudent | PlainClassifier:
-    """A ViT that can give patch logits becomes a :class:`DenseStudent`; any other classifier
-    (a CNN, a hierarchical model, a ViT without a patch grid) a :class:`PlainClassifier`."""
+    model: nn.Module, *, inference_rule: str = "cls+dist+patch", method: str = "deit"
+) -> DenseStudent | MapStudent | PlainClassifier:
+    """A ViT that can give patch logits becomes a :class:`DenseStudent`; under ``method="cskd"``
+    any other classifier (a hierarchical model, a CNN) a :class:`MapStudent` (its own
+    distillation head on the final map); otherwise (``deit``, ``none``) a
+    :class:`PlainClassifier`, trained on its one head as before."""
     if is_vit(model) and patch_logits_problem(model) is None:
         return DenseStudent(model, inference_rule=inference_rule)
+    if method == "cskd" and not is_vit(model):
+        return MapStudent(model, inference_rule=inference_rule)
     return PlainClassifier(model)
 
 
 def rules_for(student: nn.Module) -> tuple[str, ...]:
-    """The inference rules that differ for this student (all three for a ViT, ``cls`` for a CNN)."""
-    return INFERENCE_RULES if isinstance(student, DenseStudent) else ("cls",)
+    """The inference rules that differ for this student (all three for a ViT or a
+    :class:`MapStudent`, ``cls`` for a plain classifier)."""
+    return INFERENCE_RULES if isinstance(student, DenseStudent | MapStudent) else ("cls",)

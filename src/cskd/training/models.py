@@ -21,7 +21,13 @@ from ..infra.weights import (
     read_state_dict,
     resolve_source,
 )
-from ..method.adapters import DenseStudent, DenseTeacher, PlainClassifier, wrap_student
+from ..method.adapters import (
+    DenseStudent,
+    DenseTeacher,
+    MapStudent,
+    PlainClassifier,
+    wrap_student,
+)
 
 log = logging.getLogger("cskd")
 
@@ -67,7 +73,9 @@ def build_student(config: Config, *, initial_weights: bool = False) -> torch.nn.
         for parameter_name, parameter in model.named_parameters():
             parameter.requires_grad_(parameter_name.rsplit(".", 1)[0] in heads)
         log.info(f"{what}: only {', '.join(sorted(heads))} train (student.trainable=head)")
-    return wrap_student(model, inference_rule=config.student.inference_rule)
+    return wrap_student(
+        model, inference_rule=config.student.inference_rule, method=config.distill.method
+    )
 
 
 def build_teacher(config: Config, *, method: str | None = None) -> DenseTeacher | None:
@@ -267,7 +275,7 @@ def create_pretrained(
 
 def load_student(
     path: str | os.PathLike, *, image_size: int | None = None
-) -> DenseStudent | PlainClassifier:
+) -> DenseStudent | MapStudent | PlainClassifier:
     """Rebuild an exported student from its file alone: ``student.safetensors`` (or the run
     directory holding it) carries the timm name, keyword arguments, classes, input size,
     normalisation and inference rule (:func:`cskd.infra.weights.export_metadata`), kept on the
@@ -288,10 +296,15 @@ def load_student(
     if image_size and "pos_embed" in state:
         kwargs["img_size"] = image_size
     model = timm.create_model(export["timm_name"], pretrained=False, **kwargs)
+    student = wrap_student(model, inference_rule=export["inference_rule"], method=export.get("method", "deit"))
+    own = {}  # a MapStudent's distillation head: not the timm model's
+    if isinstance(student, MapStudent):
+        own = {k: state.pop(k) for k in list(state) if k.startswith(MapStudent.OWN_KEYS)}
     for line in load_adapted(model, state, path=source, what="student", adapt_head=False):
         log.info(line)
+    if own:
+        student.load_state_dict({**student.state_dict(), **own})
     if image_size:
         export = {**export, "input_size": [export["input_size"][0], image_size, image_size]}
-    student = wrap_student(model, inference_rule=export["inference_rule"])
     student.export = export
     return student

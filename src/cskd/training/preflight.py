@@ -11,7 +11,7 @@ bad input                                                     refused by
 unknown config key, wrong type, out-of-range value            ``config.load_config``
 library-set key inside kwargs (num_classes, in_chans, ...)    ``config.load_config``
 unknown timm model name, unknown model keyword argument       :func:`check_models`
-CNN student with distill.method=cskd                          :func:`check_models`
+cskd student with no patch grid or final map (XCiT, PiT)       :func:`check_models`
 output directory holding another run (no resume/overwrite)    ``training.state.prepare_run_dir``
 missing or empty data directory                               :func:`check_data_source`
 class folders that differ between train and val               ``data.check_class_folders``
@@ -55,7 +55,14 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ..config import Config, DataConfig
 from ..errors import ConfigError, DataError
 from ..infra.weights import check_state_fits
-from ..method.adapters import DenseStudent, DenseTeacher, is_vit, patch_logits_problem
+from ..method.adapters import (
+    DenseStudent,
+    DenseTeacher,
+    MapStudent,
+    is_vit,
+    map_student_problem,
+    patch_logits_problem,
+)
 from ..method.align import check_grids
 
 log = logging.getLogger("cskd")
@@ -91,12 +98,15 @@ def check_models(config: Config) -> None:
         check_compile_backend(config.train.compile_backend)
     if student is None or config.distill.method != "cskd":
         return
-    if not is_vit(student):
-        raise ConfigError(
-            f"distill.method=cskd needs a ViT student (its patch tokens get the dense targets), "
-            f"but student.name={config.student.name} is a {type(student).__name__}: use a timm "
-            "ViT, or distill.method=deit (token/logit distillation) or none for a CNN"
-        )
+    if not is_vit(student):  # a hierarchical or convolutional student: a MapStudent
+        problem = map_student_problem(student, config.data.image_size)
+        if problem is not None:
+            raise ConfigError(
+                f"distill.method=cskd needs dense student logits, but student.name="
+                f"{config.student.name}: {problem}; use a model that ends in a feature map "
+                "(Swin, PVTv2, MaxViT, ConvNeXt, a ViT), or distill.method=deit"
+            )
+        return
     problem = patch_logits_problem(student)
     if problem is not None:
         raise ConfigError(
@@ -344,12 +354,13 @@ def check_run(
     # (a teacher of another class count never gets here: build_teacher creates the model for
     # data.num_classes and weights.check_state_fits names a head of another size)
     if teacher is not None:
-        if config.distill.method == "cskd" and isinstance(student, DenseStudent):
+        if config.distill.method == "cskd" and isinstance(student, DenseStudent | MapStudent):
             size = config.data.image_size
             teacher_grid = teacher.grid(size)
-            check_grids(student.grid_size, teacher_grid)
+            grid = student.grid_size if isinstance(student, DenseStudent) else student.grid(size)
+            check_grids(grid, teacher_grid)
             log.info(
-                f"pre-flight: student grid {student.grid_size[0]} x {student.grid_size[1]} "
+                f"pre-flight: student grid {grid[0]} x {grid[1]} "
                 f"pooled to the teacher grid {teacher_grid[0]} x {teacher_grid[1]}"
             )
             if teacher_grid == (1, 1):

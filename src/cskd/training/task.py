@@ -23,9 +23,11 @@ from ..errors import ConfigError
 from ..method.adapters import (
     DenseStudent,
     DenseTeacher,
+    MapStudent,
     PlainClassifier,
     combine_heads,
     is_vit,
+    map_student_problem,
     patch_logits_problem,
     state_dict_of_child,
     wrap_student,
@@ -52,8 +54,9 @@ class CSKDTask(TrainingTask):
     The count is the task's checkpoint state (:meth:`get_task_state`), so a resumed loop
     continues the schedule; :meth:`set_position` sets it directly.
 
-    ``student_model``: a timm model (a ViT becomes a :class:`DenseStudent`, anything else a
-    :class:`PlainClassifier`, which serves ``deit`` and ``none`` only) or an adapter already.
+    ``student_model``: a timm model (a ViT becomes a :class:`DenseStudent`; under ``cskd`` a
+    hierarchical or convolutional model a :class:`MapStudent`, otherwise a
+    :class:`PlainClassifier`) or an adapter already.
     ``teacher_model``: a :class:`DenseTeacher`, a timm model (wrapped, with its
     ``pretrained_cfg``'s mean/std unless ``teacher_mean`` / ``teacher_std``), or a timm name whose
     weights come from ``teacher_checkpoint`` (:func:`~cskd.load_teacher`: a file or a cskd run;
@@ -96,10 +99,10 @@ class CSKDTask(TrainingTask):
         self.epochs, self.steps_per_epoch, self.unit = epochs, steps_per_epoch, progress
         self.grad_accum_steps = grad_accum_steps
         self.calls = 0  # training calls so far: the progress t counts optimiser steps from it
-        student = self._student(student_model)
-        model = student.model
+        model = getattr(student_model, "model", student_model)  # the timm model
         config = getattr(model, "pretrained_cfg", None) or {}
         image_size = image_size or _image_size(model, config)
+        student = self._student(student_model, image_size)
         mean = student_mean or tuple(config.get("mean", (0.485, 0.456, 0.406)))
         std = student_std or tuple(config.get("std", (0.229, 0.224, 0.225)))
         shape = (1, len(mean), 1, 1)
@@ -118,15 +121,17 @@ class CSKDTask(TrainingTask):
         )
         self.to(self.device)
 
-    def _student(self, model: nn.Module) -> DenseStudent | PlainClassifier:
-        student = model if isinstance(model, DenseStudent | PlainClassifier) else wrap_student(model)
-        if self.weights.method == "cskd" and not isinstance(student, DenseStudent):
-            inner = student.model
-            problem = (
-                patch_logits_problem(inner)
-                if is_vit(inner)
-                else "it is not a timm Vision Transformer (no patch tokens to distil into)"
-            )
+    def _student(self, model: nn.Module, image_size: int) -> DenseStudent | MapStudent | PlainClassifier:
+        adapters = DenseStudent | MapStudent | PlainClassifier
+        method = self.weights.method
+        student = model if isinstance(model, adapters) else wrap_student(model, method=method)
+        inner = student.model
+        problem = None
+        if method == "cskd" and isinstance(student, PlainClassifier):
+            problem = patch_logits_problem(inner) if is_vit(inner) else "it gives no dense logits"
+        elif method == "cskd" and isinstance(student, MapStudent):
+            problem = map_student_problem(inner, image_size)
+        if problem is not None:
             raise ConfigError(
                 f"{type(inner).__name__} cannot be a CSKD student: {problem}; distil it with "
                 'ObjectiveWeights(method="deit") instead'
@@ -248,13 +253,13 @@ class Predictor(nn.Module):
     (:func:`~cskd.combine_heads`), for evaluators that expect a plain classifier. Its state dict
     is the wrapped student's (the timm model's keys)."""
 
-    def __init__(self, student: DenseStudent | PlainClassifier) -> None:
+    def __init__(self, student: DenseStudent | MapStudent | PlainClassifier) -> None:
         super().__init__()
         self.student = student
         state_dict_of_child(self, "student")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.student, DenseStudent):
+        if isinstance(self.student, DenseStudent | MapStudent):
             output = self.student(images, output_grid=(1, 1))
             return combine_heads(output, self.student.inference_rule)
         return self.student(images).cls_logits
