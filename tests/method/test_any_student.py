@@ -145,3 +145,49 @@ def test_a_swin_student_trains_with_cskd_exports_and_evaluates(tmp_path, teacher
     metrics = json.loads(scored.stdout)
     for rule in ("cls", "cls+dist", "cls+dist+patch"):
         assert metrics[rule]["top1"] == final[rule]["top1"], rule
+
+
+@pytest.mark.parametrize("family", ["swin", "convnext"])
+def test_a_map_students_dense_logits_are_local_and_train_with_the_cskd_loss(family, monkeypatch):
+    """A change at one location of the final map moves only that location's dense logits (the
+    head mixes no locations), and the CSKD objective backpropagates into the model and its new
+    head."""
+    from cskd.method.losses import ObjectiveWeights, objective
+
+    name, kwargs = FAMILIES[family]
+    torch.manual_seed(0)
+    student = MapStudent(timm.create_model(name, num_classes=5, **kwargs)).eval()
+    images = torch.randn(2, 3, 64, 64)
+    features = student.model.forward_features(images).detach()
+    changed = features.clone()
+    if student.feature_format == "NHWC":  # (N, H, W, C): location (1, 0)
+        changed[:, 1, 0] += 3.0
+    else:
+        changed[:, :, 1, 0] += 3.0
+    outputs = []
+    for value in (features, changed):
+        monkeypatch.setattr(student.model, "forward_features", lambda _, v=value: v)
+        outputs.append(student(images).patch_logits)  # (N, 4, K), row-major on 2 x 2
+    moved = (outputs[0] - outputs[1]).abs().amax(dim=(0, 2))
+    assert moved[2] > 0 and moved[[0, 1, 3]].max() == 0, moved  # (1, 0) is location 2
+    monkeypatch.undo()
+
+    student.train()
+    output = student(images, output_grid=(2, 2))
+    teacher_dense = torch.randn(2, 5, 2, 2)
+    loss, parts = objective(
+        cls_logits=output.cls_logits,
+        dist_logits=output.dist_logits,
+        student_patch_logits=output.patch_logits,
+        teacher_dense_logits=teacher_dense,
+        teacher_global_logits=teacher_dense.mean(dim=(2, 3)),
+        targets=torch.tensor([0, 3]),
+        weights=ObjectiveWeights(),
+        progress=0.25,
+        student_grid=output.patch_grid,
+    )
+    loss.backward()
+    assert torch.isfinite(loss) and parts["cskd"] > 0
+    assert student.head_dist.weight.grad.abs().sum() > 0
+    first = next(p for p in student.model.parameters() if p.requires_grad)
+    assert first.grad is not None and first.grad.abs().sum() > 0
