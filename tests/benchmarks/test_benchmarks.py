@@ -319,3 +319,31 @@ def test_cache_fidelity_quick_compares_cached_with_online_targets(tmp_path, one_
     assert "cached-cskd-linear-seed0" in results
     page = (tmp_path / "cache_quick.md").read_text()
     assert "hard CKF a = 1" in page and "cached - online" in page
+
+
+def test_hierarchical_student_quick_trains_a_swin_with_each_method(tmp_path, one_thread):
+    script = load_script("hierarchical_student")
+    arguments = ["--quick", "--output-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path)]
+    assert script.main([*arguments, *one_thread]) == 0
+    runs = json.loads((tmp_path / "hierarchical_student_quick.json").read_text())["runs"]
+    assert list(runs) == ["teacher", "none", "deit", "cskd/linear"]
+    assert set(runs["cskd/linear"]["test_top1"]) == {"cls", "cls+dist", "cls+dist+patch"}
+    assert set(runs["deit"]["test_top1"]) == {"cls"}  # a plain classifier under deit
+    page = (tmp_path / "hierarchical_student_quick.md").read_text()
+    assert "| cskd/linear |" in page and "generated:end" in page
+    # started again: every run is already done, and notes written around the block are kept
+    (tmp_path / "hierarchical_student_quick.md").write_text(page + "\nNotes kept.\n")
+    assert script.main([*arguments, *one_thread]) == 0
+    assert (tmp_path / "hierarchical_student_quick.md").read_text().endswith("Notes kept.\n")
+
+
+def test_families_table_records_each_outcome_in_one_line(tmp_path, one_thread):
+    script = load_script("families")
+    families = ["resnet", "pit"]
+    assert script.main(["--families", *families, "--results-dir", str(tmp_path), *one_thread]) == 0
+    rows = {r["family"]: r for r in json.loads((tmp_path / "families.json").read_text())}
+    assert all(rows["resnet"][column] == "yes" for column in script.COLUMNS)
+    assert rows["pit"]["student cskd"].startswith("no: its final features are")
+    assert rows["pit"]["student deit"] == "yes" and rows["pit"]["teacher deit"] == "yes"
+    page = (tmp_path / "families.md").read_text()
+    assert "tracebacks (bugs): 0" in page and "| pit | `pit_ti_224` |" in page
