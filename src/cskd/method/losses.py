@@ -27,10 +27,11 @@ LOSS_KINDS = ("hard", "soft")
 def fused_target(
     teacher_dense_logits: torch.Tensor,
     teacher_global_logits: torch.Tensor,
-    weight: float,
+    weight: float | torch.Tensor,
 ) -> torch.Tensor:
-    """CKF target (N, K, H, W): ``weight`` * local + (1 - ``weight``) * global, in logit space."""
-    if weight == 1.0:
+    """CKF target (N, K, H, W): ``weight`` * local + (1 - ``weight``) * global, in logit space.
+    ``weight``: a float, or a 0-d tensor (then no shortcut for 1.0: it would read its value)."""
+    if not isinstance(weight, torch.Tensor) and weight == 1.0:
         return teacher_dense_logits
     global_map = teacher_global_logits[:, :, None, None]  # (N, K, 1, 1), broadcast over H x W
     return weight * teacher_dense_logits + (1.0 - weight) * global_map

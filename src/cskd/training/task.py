@@ -98,7 +98,9 @@ class CSKDTask(TrainingTask):
             raise ConfigError("epochs, steps_per_epoch and grad_accum_steps must be at least 1")
         self.epochs, self.steps_per_epoch, self.unit = epochs, steps_per_epoch, progress
         self.grad_accum_steps = grad_accum_steps
-        self.calls = 0  # training calls so far: the progress t counts optimiser steps from it
+        # training calls so far, from which t counts optimiser steps: a tensor, so that a compiled
+        # task reads it as data and does not compile again at every step
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long), persistent=False)
         model = getattr(student_model, "model", student_model)  # the timm model
         config = getattr(model, "pretrained_cfg", None) or {}
         image_size = image_size or _image_size(model, config)
@@ -164,9 +166,9 @@ class CSKDTask(TrainingTask):
         )
 
     @property
-    def progress(self) -> float:
-        """The training progress t in [0, 1] of the next training call."""
-        step = self.calls // self.grad_accum_steps
+    def progress(self) -> torch.Tensor:
+        """The training progress t in [0, 1] of the next training call (a 0-d tensor)."""
+        step = torch.div(self.calls, self.grad_accum_steps, rounding_mode="floor")
         return training_progress(
             epoch=step // self.steps_per_epoch,
             step_in_epoch=step % self.steps_per_epoch,
@@ -178,7 +180,7 @@ class CSKDTask(TrainingTask):
     def set_position(self, epoch: int, step_in_epoch: int = 0) -> None:
         """Place the schedule at ``epoch`` (from 0) and ``step_in_epoch`` optimiser steps into it."""
         step = epoch * self.steps_per_epoch + step_in_epoch
-        self.calls = step * self.grad_accum_steps
+        self.calls.fill_(step * self.grad_accum_steps)
 
     def train(self, mode: bool = True) -> CSKDTask:
         """Train or eval mode for the student; the teacher stays in eval mode."""
@@ -200,7 +202,7 @@ class CSKDTask(TrainingTask):
             student_std=self.student_std,
         )
         if self.training:
-            self.calls += 1
+            self.calls.add_(1)
         result = {"loss": loss, "output": output.cls_logits}
         for name, value in parts.items():
             if name != "loss":
@@ -234,7 +236,7 @@ class CSKDTask(TrainingTask):
 
     def get_task_state(self, module: nn.Module | None = None, ema: bool = False) -> dict:
         """The training calls counted so far (the CKF schedule's position)."""
-        return {"calls": self.calls, "grad_accum_steps": self.grad_accum_steps}
+        return {"calls": int(self.calls), "grad_accum_steps": self.grad_accum_steps}
 
     def load_task_state(
         self, state: dict[str, Any] | None, strict: bool = True, module=None, ema: bool = False
@@ -245,7 +247,7 @@ class CSKDTask(TrainingTask):
                 raise ConfigError("the checkpoint holds no CSKD task state (the schedule position)")
             return
         steps = state["calls"] // state.get("grad_accum_steps", 1)
-        self.calls = steps * self.grad_accum_steps
+        self.calls.fill_(steps * self.grad_accum_steps)
 
 
 class Predictor(nn.Module):
