@@ -89,7 +89,7 @@ def student_cskd(name: str) -> None:
     if is_vit(model):
         problem = patch_logits_problem(model)
     else:
-        problem = map_student_problem(model, size)
+        problem = map_student_problem(model, size, in_chans=3)
     if problem is not None:
         raise ConfigError(problem)
     student = wrap_student(model, method="cskd")
@@ -107,7 +107,8 @@ def check_family(family: str) -> dict:
     images = torch.randn(2, 3, size, size)
 
     def teacher(global_only: bool) -> None:
-        wrapped = DenseTeacher(build(name)[0], check_size=size, global_only=global_only)
+        model = build(name)[0]  # in_chans from the build, as load_teacher passes it
+        wrapped = DenseTeacher(model, check_size=size, global_only=global_only, in_chans=3)
         with torch.no_grad():
             output = wrapped(images)
         assert output.global_logits.shape == (2, 10)

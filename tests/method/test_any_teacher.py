@@ -82,3 +82,19 @@ def test_any_classifier_teaches_deit_and_others_are_refused_for_cskd_in_one_line
     message = str(refused.value)
     assert "\n" not in message and "distill.method=deit" in message, message
     assert name in message and GLOBAL_ONLY[name] in message, message
+
+
+@pytest.mark.parametrize("name", ["coat_tiny", "crossvit_tiny_240"])
+def test_a_teacher_with_several_feature_streams_is_refused_under_cskd_in_one_line(name):
+    """Found by benchmarks/families.py: CoaT and CrossViT end in a list of streams, which the
+    dense check read as a tensor (AttributeError); now one TeacherError naming the way out."""
+    import timm
+
+    from cskd.errors import TeacherError
+    from cskd.method.adapters import DenseTeacher
+
+    model = timm.create_model(name, num_classes=4)
+    size = model.pretrained_cfg["input_size"][-1]
+    with pytest.raises(TeacherError, match=r"several streams.*distill.method=deit"):
+        DenseTeacher(model, check_size=size, in_chans=3)
+    assert DenseTeacher(model, check_size=size, in_chans=3, global_only=True).global_only

@@ -47,6 +47,12 @@ def _first_conv_channels(model: nn.Module) -> int:
     return conv.in_channels if conv is not None else 3
 
 
+def _model_channels(model: nn.Module) -> int:
+    """The input channels a timm model was built for: its ``in_chans`` where it keeps it, else
+    its first convolution's (a guess that a space-to-depth stem defeats)."""
+    return getattr(model, "in_chans", None) or _first_conv_channels(model)
+
+
 def _feature_format(model: nn.Module) -> str:
     """``"NHWC"`` when the model's final features are channels-last (Swin, MambaOut: timm's
     ``output_fmt`` or its head's ``input_fmt``), else ``"NCHW"``."""
@@ -217,8 +223,22 @@ class DenseTeacher(nn.Module):
         images = images.to(device=parameter.device, dtype=parameter.dtype)
         if self.global_only:
             return
-        with torch.no_grad():
-            features = self.model.forward_features(images)
+        try:
+            with torch.no_grad():
+                features = self.model.forward_features(images)
+        except Exception as error:  # noqa: BLE001 - any model that cannot run here, one line
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+            raise TeacherError(
+                f"teacher {self.name}: its forward_features fails on {self.in_chans}-channel "
+                f"{size} px images ({type(error).__name__}: {reason}): check teacher.kwargs "
+                "and data.image_size, or use distill.method=deit"
+            ) from None
+        if not isinstance(features, torch.Tensor):
+            raise TeacherError(
+                f"teacher {self.name}: its final features are a {type(features).__name__} (several "
+                "streams), not an (N, C, H, W) map, so it has no dense logits: CSKD needs a CNN "
+                "teacher (ResNet, RegNet, EfficientNet); with this teacher use distill.method=deit"
+            )
         if features.ndim != 4:
             raise TeacherError(
                 f"teacher {self.name}: its final features are {tuple(features.shape)}, not an "
@@ -419,7 +439,7 @@ class MapStudent(TimmModelWrapper):
         grids = self.__dict__.setdefault("_grids", {})
         if image_size not in grids:
             parameter = next(self.model.parameters())
-            channels = _first_conv_channels(self.model)
+            channels = _model_channels(self.model)
             blank = torch.zeros(1, channels, image_size, image_size, device=parameter.device)
             grids[image_size] = self._locations(self.model.forward_features(blank))[1]
         return grids[image_size]
@@ -464,7 +484,9 @@ class MapStudent(TimmModelWrapper):
         return combine_heads(self(images, output_grid=(1, 1)), self.inference_rule)
 
 
-def map_student_problem(model: nn.Module, image_size: int) -> str | None:
+def map_student_problem(
+    model: nn.Module, image_size: int, in_chans: int | None = None
+) -> str | None:
     """Why a non-ViT timm classifier cannot be a :class:`MapStudent` at ``image_size``, or None:
     its final features are not an H x W map (PiT ends in tokens), or it has no
     ``forward_features`` / ``forward_head``. Runs ``forward_features`` once on a blank batch on
@@ -472,7 +494,7 @@ def map_student_problem(model: nn.Module, image_size: int) -> str | None:
     if not all(hasattr(model, n) for n in ("forward_features", "forward_head", "num_features")):
         return "it has no forward_features / forward_head / num_features (timm's classifier API)"
     parameter = next(model.parameters())
-    channels = _first_conv_channels(model)
+    channels = in_chans or _model_channels(model)
     blank = torch.zeros(1, channels, image_size, image_size, device=parameter.device)
     try:
         with torch.no_grad():
@@ -481,9 +503,10 @@ def map_student_problem(model: nn.Module, image_size: int) -> str | None:
         if parameter.device.type == "meta":
             return None  # a model that does not run on the meta device: the real build checks
         return f"its forward pass fails at {image_size} px ({str(error).splitlines()[0]})"
-    if not isinstance(features, torch.Tensor) or features.ndim != 4:
-        shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features)
-        return f"its final features are {shape}, not an H x W map"
+    if not isinstance(features, torch.Tensor):
+        return f"its final features are a {type(features).__name__} (several streams), not an H x W map"
+    if features.ndim != 4:
+        return f"its final features are {tuple(features.shape)}, not an H x W map"
     return None
 
 

@@ -99,7 +99,7 @@ def check_models(config: Config) -> None:
     if student is None or config.distill.method != "cskd":
         return
     if not is_vit(student):  # a hierarchical or convolutional student: a MapStudent
-        problem = map_student_problem(student, config.data.image_size)
+        problem = map_student_problem(student, config.data.image_size, config.data.in_chans)
         if problem is not None:
             raise ConfigError(
                 f"distill.method=cskd needs dense student logits, but student.name="

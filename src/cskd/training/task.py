@@ -104,12 +104,12 @@ class CSKDTask(TrainingTask):
         model = getattr(student_model, "model", student_model)  # the timm model
         config = getattr(model, "pretrained_cfg", None) or {}
         image_size = image_size or _image_size(model, config)
-        student = self._student(student_model, image_size)
         mean = student_mean or tuple(config.get("mean", (0.485, 0.456, 0.406)))
         std = student_std or tuple(config.get("std", (0.229, 0.224, 0.225)))
         shape = (1, len(mean), 1, 1)
         self.register_buffer("student_mean", torch.tensor(mean).view(shape), persistent=False)
         self.register_buffer("student_std", torch.tensor(std).view(shape), persistent=False)
+        student = self._student(student_model, image_size, in_chans=len(mean))
         self.trainable_module = student
         self.teacher = self._teacher(
             teacher_model,
@@ -123,7 +123,9 @@ class CSKDTask(TrainingTask):
         )
         self.to(self.device)
 
-    def _student(self, model: nn.Module, image_size: int) -> DenseStudent | MapStudent | PlainClassifier:
+    def _student(
+        self, model: nn.Module, image_size: int, *, in_chans: int
+    ) -> DenseStudent | MapStudent | PlainClassifier:
         adapters = DenseStudent | MapStudent | PlainClassifier
         method = self.weights.method
         student = model if isinstance(model, adapters) else wrap_student(model, method=method)
@@ -132,7 +134,7 @@ class CSKDTask(TrainingTask):
         if method == "cskd" and isinstance(student, PlainClassifier):
             problem = patch_logits_problem(inner) if is_vit(inner) else "it gives no dense logits"
         elif method == "cskd" and isinstance(student, MapStudent):
-            problem = map_student_problem(inner, image_size)
+            problem = map_student_problem(inner, image_size, in_chans)
         if problem is not None:
             raise ConfigError(
                 f"{type(inner).__name__} cannot be a CSKD student: {problem}; distil it with "
