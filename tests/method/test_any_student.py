@@ -191,3 +191,13 @@ def test_a_map_students_dense_logits_are_local_and_train_with_the_cskd_loss(fami
     assert student.head_dist.weight.grad.abs().sum() > 0
     first = next(p for p in student.model.parameters() if p.requires_grad)
     assert first.grad is not None and first.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("section", ["student", "teacher"])
+def test_an_encoder_without_a_classifier_is_refused_in_one_line(section, capsys):
+    """Found by benchmarks/families.py: timm's Gemma4 ViT encoder ignores num_classes and gives
+    features; it was accepted and failed later."""
+    arguments = ["config", f"{section}.name=gemma4_vit_167m_enc", "distill.method=deit"]
+    assert main(arguments) == 2
+    line = capsys.readouterr().err.strip()
+    assert "\n" not in line and f"{section}.name=gemma4_vit_167m_enc builds no classifier" in line

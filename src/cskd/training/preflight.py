@@ -87,13 +87,22 @@ def check_models(config: Config) -> None:
             "drop_path_rate": config.student.drop_path,
         },
     )
+    teacher = None
     if config.distill.method != "none":
-        _meta_model(
+        teacher = _meta_model(
             "teacher",
             config.teacher.name,
             config.teacher.kwargs,
             defaults={"num_classes": config.data.num_classes, "in_chans": config.data.in_chans},
         )
+    for section, model in (("student", student), ("teacher", teacher)):
+        if model is not None and getattr(model, "num_classes", None) == 0:
+            raise ConfigError(
+                f"{section}.name={getattr(config, section).name} builds no classifier head (timm "
+                f"gives it num_classes=0: an encoder): a {section} must give data.num_classes="
+                f"{config.data.num_classes} logits; choose a classifier (e.g. the family's "
+                "model without _enc)"
+            )
     if config.train.compile:
         check_compile_backend(config.train.compile_backend)
     if student is None or config.distill.method != "cskd":
