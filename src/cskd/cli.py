@@ -18,7 +18,12 @@ from .errors import USER_ERRORS, ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cskd", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="cskd",
+        description="Cumulative Spatial Knowledge Distillation (CSKD, ICCV 2023) on timm: train, "
+        "cache the teacher, evaluate, diagnose, or run the Fashion-MNIST demo. Each command's "
+        "--help lists its options; `cskd train --help` every config key.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser(
         "train",
@@ -76,27 +81,32 @@ RECIPES = Path(__file__).resolve().parents[2] / "configs"  # in a clone of the r
 
 def _recipe_config(args: argparse.Namespace) -> Config:
     """The config of ``train`` / ``cache``; ConfigError listing the shipped recipes when neither
-    a recipe nor the data are given (the defaults alone are ImageNet's, without its path)."""
+    a recipe nor the data are given (the defaults alone are ImageNet's, without its path).
+    Checked before the config is validated too: without a recipe, another error of the ImageNet
+    defaults (``optim.epochs=1``, below their warm-up) would hide the missing recipe."""
+    named = {override.split("=", 1)[0].strip() for override in args.overrides}
+    if args.config is None and not named & {"data.root", "data.dataset"}:
+        raise _needs_recipe(args.command)
     config = load_config(args.config, args.overrides)
     if args.config is None and config.data.dataset == "folder" and not config.data.root:
-        folders: dict[str, list[str]] = {}
-        for path in sorted(RECIPES.rglob("*.yaml")):
-            if not path.name.startswith("_"):
-                folders.setdefault(str(path.parent.relative_to(RECIPES.parent)), []).append(
-                    path.stem
-                )
-        shipped = [
-            f"{folder}/{{{','.join(names)}}}.yaml"
-            if len(names) <= 4
-            else f"{folder}/ ({len(names)})"
-            for folder, names in folders.items()
-        ]
-        listed = f" (shipped: {'; '.join(shipped)})" if shipped else ""
-        raise ConfigError(
-            f"cskd {args.command} needs a recipe: pass --config <recipe.yaml>{listed}, or set "
-            "data.root to an image folder for the ImageNet defaults"
-        )
+        raise _needs_recipe(args.command)
     return config
+
+
+def _needs_recipe(command: str) -> ConfigError:
+    folders: dict[str, list[str]] = {}
+    for path in sorted(RECIPES.rglob("*.yaml")):
+        if not path.name.startswith("_"):
+            folders.setdefault(str(path.parent.relative_to(RECIPES.parent)), []).append(path.stem)
+    shipped = [
+        f"{folder}/{{{','.join(names)}}}.yaml" if len(names) <= 4 else f"{folder}/ ({len(names)})"
+        for folder, names in folders.items()
+    ]
+    listed = f" (shipped: {'; '.join(shipped)})" if shipped else ""
+    return ConfigError(
+        f"cskd {command} needs a recipe: pass --config <recipe.yaml>{listed}, or set "
+        "data.root to an image folder for the ImageNet defaults"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

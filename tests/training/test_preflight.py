@@ -89,6 +89,9 @@ def test_missing_empty_or_non_directory_data_root(tmp_path, tiny_run, capsys):
     assert "is not a directory" in refused(folder_run(tiny_run, a_file), capsys, run_dir)
     line = refused(tiny_run(**{"data.dataset": "folder", "data.root": ""}), capsys, run_dir)
     assert line.startswith("cskd train needs a recipe: pass --config") and "data.root" in line
+    # without a recipe, an override that breaks the ImageNet defaults does not hide it
+    assert main(["train", "optim.epochs=1"]) == 2
+    assert capsys.readouterr().err.strip().startswith("cskd train: error: cskd train needs a recipe")
 
 
 @pytest.mark.parametrize("kind", ["missing", "holds other files"])
@@ -189,7 +192,7 @@ def test_teacher_checkpoint_missing_unreadable_or_of_another_architecture(
     run_dir = tmp_path / "run"
     missing = tmp_path / "missing.pth"
     line = refused(tiny_run(**{"teacher.checkpoint": str(missing)}), capsys, run_dir)
-    assert line == f"checkpoint {missing} does not exist: check the path"
+    assert line.startswith(f"teacher.checkpoint {missing} does not exist: check the path")
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"definitely not a checkpoint" * 10)
     line = refused(tiny_run(**{"teacher.checkpoint": str(garbage)}), capsys, run_dir)

@@ -230,8 +230,11 @@ def evaluate_checkpoint(
     cap = config.train.eval_max_batches
     images = f"{len(val_set)} images"
     if cap and cap * loader.batch_size < len(val_set):
-        batches = f"{cap} batch{'es' if cap > 1 else ''} of {loader.batch_size} images"
-        images = f"the first {batches} (train.eval_max_batches={cap}) of {images}"
+        batches = f"{cap} batch{'es' if cap > 1 else ''}"
+        images = (
+            f"{cap * loader.batch_size} of its {images} (the first {batches}: "
+            f"train.eval_max_batches={cap})"
+        )
     log.info(f"evaluating {path}: {weights} on {images}, every inference rule")
     shown = ShowProgress(loader, enabled=info.is_main)
     try:

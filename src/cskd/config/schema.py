@@ -46,7 +46,11 @@ def setting(
 
 @dataclass
 class StudentConfig:
-    name: str = setting("deit_tiny_distilled_patch16_224", help="a timm ViT")
+    name: str = setting(
+        "deit_tiny_distilled_patch16_224",
+        help="a timm classifier: a ViT, or under cskd also a hierarchical or convolutional model "
+        "(a distillation head on its final map)",
+    )
     kwargs: dict = setting(factory=dict, help="passed to timm.create_model (img_size, depth...)")
     drop_path: float = setting(
         0.1, bound="non_negative", help="stochastic depth rate (timm drop_path_rate)"

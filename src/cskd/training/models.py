@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import timm
 import torch
@@ -87,6 +88,11 @@ def build_teacher(config: Config, *, method: str | None = None) -> DenseTeacher 
     method = method or config.distill.method
     if method == "none":
         return None
+    if config.teacher.checkpoint and not Path(config.teacher.checkpoint).exists():
+        raise CheckpointError(
+            f"teacher.checkpoint {config.teacher.checkpoint} does not exist: check the path (a "
+            "weights file or a cskd run directory; train the teacher first if it is one of yours)"
+        )
 
     def load(global_only: bool) -> DenseTeacher:
         return load_teacher(
