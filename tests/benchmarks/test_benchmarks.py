@@ -196,6 +196,88 @@ def test_recipe_regime_shares_the_long_teacher_and_chooses_epochs_on_validation(
     assert script.chosen_epochs({"runs": {}}, (30, 60)) is None
 
 
+def test_local_teacher_regime_checks_the_teacher_map_before_training_only_its_methods(
+    tmp_path, one_thread, capsys, monkeypatch
+):
+    script = load_script("regimes")
+    arguments = ["--regime", "local-teacher", "--quick", "--output-dir", str(tmp_path / "runs")]
+    arguments += ["--results-dir", str(tmp_path), *one_thread]
+    name = "regime_local_teacher_quick"
+    # a teacher that fails the check (a quick teacher always would; the limit makes it certain):
+    # one line, exit status 1, the teacher's figures on the page, and no student trained
+    monkeypatch.setitem(script.LOCALITY_LIMITS, "object_names_label", (">=", 100.5))
+    assert script.main([*arguments, "--enforce-locality"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "cannot test CSKD's mechanism: object cells name the garment's class at" in last
+    assert "needed >= 100.5%. No student is trained" in last
+    runs = json.loads((tmp_path / f"{name}.json").read_text())["runs"]
+    assert set(runs) == {"teacher"}
+    assert sorted(path.name for path in (tmp_path / "runs" / "local-teacher_quick").iterdir()) == [
+        "claims",
+        "teacher",
+    ]
+    locality = runs["teacher"]["locality"]
+    assert (locality["receptive_field_px"], locality["cell_px"], locality["images"]) == (19, 8, 32)
+    assert locality["weights_sha256"] == runs["teacher"]["weights_sha256"]
+    assert "student.name=bagnet19" in runs["teacher"]["overrides"]
+    page = (tmp_path / f"{name}.md").read_text()
+    assert "- Teacher's map before any student" in page
+    assert f"name the garment's class at **{locality['object_names_label']:.1f}%**" in page
+    assert "**refused**: object cells" in page
+    # quick mode reports the check without enforcing it: the teacher is kept and not measured
+    # again, and only the regime's two methods train
+    assert script.main(arguments) == 0
+    runs = json.loads((tmp_path / f"{name}.json").read_text())["runs"]
+    assert set(runs) == {"teacher", "deit-seed0", "cskd-linear-seed0"}
+    assert runs["teacher"]["locality"] == locality
+    assert "teacher.name=bagnet19" in runs["cskd-linear-seed0"]["overrides"]
+    page = (tmp_path / f"{name}.md").read_text()
+    assert "| deit | 1 |" in page and "| cskd/linear | 1 |" in page and "| none |" not in page
+    assert "| CSKD (cls+dist+patch) - DeiT (cls+dist) | 1 |" in page and "CKF:" not in page
+    assert "(quick mode: enforced only with --enforce-locality)" in page
+
+
+def test_locality_check_passes_a_local_map_and_refuses_the_translated_resnet():
+    script = load_script("regimes")
+    local = {"object_names_label": 65.0, "background_names_label": 25.0}
+    assert script.locality_problem(local) == ""
+    # the translated regime's ResNet-18 (docs/results/regime_translated.md): 71.7% and 74.2%
+    resnet = {"object_names_label": 71.7, "background_names_label": 74.2}
+    assert script.locality_problem(resnet) == (
+        "background cells name the garment's class at 74.2%, needed <= 40%"
+    )
+    wrong = {"object_names_label": 49.9, "background_names_label": 10.0}
+    assert script.locality_problem(wrong).startswith("object cells name the garment's class")
+    assert script.locality_problem({**local, "object_names_label": float("nan")})  # none seen
+    record = {
+        **resnet,
+        "images": 256,
+        "cell_px": 8,
+        "receptive_field_px": 64,
+        "object_cells": 11.4,
+        "background_cells": 88.6,
+        "background_label_probability": 60.0,
+        "blind_cells": 0.0,
+        "blind_names_label": float("nan"),
+        "blind_label_probability": float("nan"),
+    }
+    lines = script.locality_lines(record, quick=False)
+    assert "no background cell has a window without garment pixels" in lines[0]
+    assert lines[1].endswith("**refused**: " + script.locality_problem(resnet))
+    # the regime's students follow its own methods, seed 0 of each first
+    regime = script.REGIMES["local-teacher"]
+    assert script.plan(2, regime.methods) == [
+        ("deit", 0),
+        ("cskd/linear", 0),
+        ("deit", 1),
+        ("cskd/linear", 1),
+    ]
+    with pytest.raises(ValueError, match="unknown methods"):
+        script.Regime(
+            name="x", title="", data=(), teacher=(), student=(), prediction="", methods=("dino",)
+        )
+
+
 def test_epoch_time_runs_old_and_new_seeding_side_by_side(tmp_path, one_thread):
 
     script = load_script("epoch_time")
