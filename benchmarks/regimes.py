@@ -29,6 +29,11 @@ per regime.
   more and background cells at 40% or less (``LOCALITY_LIMITS``; ``--quick`` reports the check
   and enforces it only with ``--enforce-locality``). ``deit`` and ``cskd/linear`` only; its
   files are ``regime_local_teacher.*``.
+- ``data-2500``, ``data-25000``: the ``long`` regime on 2,500 and 25,000 training images (the
+  same validation split; each with its own teacher), ``deit`` and ``cskd/linear`` only: with
+  ``long`` (10,000) the rungs of the data ladder. ``--regime data`` writes the ladder's page
+  (``regime_data.md`` and its plot: CSKD - DeiT against the number of images) from whatever
+  rungs have finished; each rung's own command rewrites it too.
 
 Every run trains on a fixed subset, holds 5,000 other training images out as validation split
 (the only data any choice may look at) and evaluates the official test set every third epoch
@@ -36,14 +41,17 @@ and at the end (``train.eval_test``; reported, never used for a choice). Finishe
 appended to ``docs/results/regime_<name>.json`` at once and skipped when the command is started
 again; an interrupted run resumes from its ``last.pt``; several workers (start the command more
 than once) split the runs. The Markdown report's generated block and the plot are rewritten at
-the end of every invocation. The estimate of ``local-teacher`` comes from the recorded runs of
-``translated`` on these shared cores (``bagnet19`` costs 1.05x the ResNet-18 per step, measured
-on 128 canvases).
+the end of every invocation. The estimates of the new regimes come from the recorded runs of
+``long`` and ``translated`` on these shared cores (training scales with the images, evaluation
+does not; ``bagnet19`` costs 1.05x the ResNet-18 per step, measured on 128 canvases).
 
     python benchmarks/regimes.py --regime long --threads 1        # about 3.5 core-hours
     python benchmarks/regimes.py --regime translated --threads 1  # about 4.5 core-hours
     python benchmarks/regimes.py --regime recipe --threads 1      # about 6 core-hours
     python benchmarks/regimes.py --regime local-teacher --threads 1  # about 3.5 core-hours
+    python benchmarks/regimes.py --regime data-2500 --threads 1   # about 1 core-hour
+    python benchmarks/regimes.py --regime data-25000 --threads 1  # about 6.5 core-hours
+    python benchmarks/regimes.py --regime data                    # the data ladder's page
     python benchmarks/regimes.py --regime long --report-only      # the report from finished runs
     python benchmarks/regimes.py --regime long --quick --output-dir /tmp/r --results-dir /tmp/r
 """
@@ -185,6 +193,36 @@ LOCALITY_LIMITS = {
     "object_names_label": (">=", 50.0),  # object cells right: 5x chance; the ResNet-18's 71.7
     "background_names_label": ("<=", 40.0),  # a local map stays below ~35; the ResNet-18's 74.2
 }
+DATA_LADDER = {"data-2500": 2500, "long": 10000, "data-25000": 25000}  # regime -> images
+DATA_PREDICTION = (
+    "DeiT and the CSKD paper argue that distillation matters most when data are scarce, where a "
+    "ViT cannot learn a CNN's locality by itself, and less as data grow. The dense target gives "
+    "each image 16 targets (the 4 x 4 map) instead of one, which should act most like extra "
+    "supervision when images are few. But on whole-image garments the teacher's cells agree "
+    "with its global answer at 84%, so most of the 16 targets repeat the one DeiT already "
+    "gives. Prediction: CSKD - DeiT at 2,500 images above the 10,000-image value "
+    "(-0.63 ± 0.26), at 25,000 within the noise of it; no size with CSKD above DeiT beyond its "
+    "error bar; the difference falling with log(images), but by less than the error bars."
+)
+
+
+def data_regime(size: int) -> Regime:
+    """A rung of the data ladder: the ``long`` regime on ``size`` training images (the same
+    validation split: it is drawn before the training subset), with its own teacher."""
+    return Regime(
+        name=f"data-{size}",
+        title=(
+            f"Data size: {size:,} training images, the `long` regime's recipe with a teacher "
+            "trained on them (`deit`, `cskd/linear`; the ladder: regime_data.md)"
+        ),
+        data=(f"data.train_subset={size}",),
+        teacher=TEACHER_LONG,
+        student=STUDENT_LONG,
+        methods=("deit", "cskd/linear"),
+        prediction=DATA_PREDICTION,
+    )
+
+
 REGIMES = {
     "long": Regime(
         name="long",
@@ -319,6 +357,8 @@ REGIMES = {
             "of students that reach only 42-45%."
         ),
     ),
+    "data-2500": data_regime(2500),
+    "data-25000": data_regime(25000),
 }
 
 
@@ -709,6 +749,168 @@ def write_report(path: Path, block: str, *, title: str, prediction: str) -> None
     )
 
 
+def ladder_points(results_dir: Path, *, suffix: str = "") -> list[dict]:
+    """Per rung of ``DATA_LADDER``, from its regime's results (``<stem><suffix>.json``):
+    ``regime``, ``images``, ``differences`` (per seed with both runs: CSKD's test top-1 with
+    cls+dist+patch minus DeiT's with cls+dist, points), ``deit`` and ``cskd`` (each seed's test
+    top-1 with its own rule), ``teacher`` (test top-1, None before it ran). A rung without
+    results has empty lists."""
+    points = []
+    for name, images in DATA_LADDER.items():
+        results = read_results(results_dir / f"{REGIMES[name].stem}{suffix}.json")
+        runs = results["runs"]
+        own = {
+            label: [
+                runs[key]["test"][METHODS[label][1]]["top1"]
+                for seed in range(10)
+                if (key := run_key(label, seed)) in runs
+            ]
+            for label in ("deit", "cskd/linear")
+        }
+        teacher = runs.get("teacher")
+        points.append(
+            {
+                "regime": name,
+                "images": images,
+                "differences": paired(
+                    results, "cskd/linear", "deit", rules=("cls+dist+patch", "cls+dist")
+                ),
+                "deit": own["deit"],
+                "cskd": own["cskd/linear"],
+                "teacher": teacher["test"]["cls"]["top1"] if teacher else None,
+            }
+        )
+    return points
+
+
+def two_standard_errors(values: list[float]) -> float:
+    """2 x the standard error of the mean (about a 95% interval of the mean); NaN below 2."""
+    if len(values) < 2:
+        return math.nan
+    return 2 * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def plot_ladder(points: list[dict], path: Path, *, title: str) -> bool:
+    """The paired difference CSKD - DeiT against the number of training images (log x): each
+    seed a grey dot, the mean with 2 SE error bars (none for one seed). Only the rungs with
+    runs are drawn; False (nothing written) when no rung has any."""
+    drawn = [point for point in points if point["differences"]]
+    if not drawn:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+    from matplotlib.ticker import NullLocator
+
+    figure, axes = pyplot.subplots(figsize=(6.0, 4.0))
+    for index, point in enumerate(drawn):
+        x, differences = point["images"], point["differences"]
+        axes.scatter(
+            [x] * len(differences),
+            differences,
+            s=14,
+            color="gray",
+            alpha=0.7,
+            zorder=2,
+            label="one seed" if index == 0 else None,
+        )
+        mean, error = statistics.mean(differences), two_standard_errors(differences)
+        axes.errorbar(
+            x,
+            mean,
+            yerr=None if math.isnan(error) else error,
+            fmt="o",
+            color="tab:blue",
+            capsize=4,
+            zorder=3,
+            label="mean ± 2 SE over seeds" if index == 0 else None,
+        )
+        axes.annotate(
+            f"n={len(differences)}",
+            (x, mean),
+            xytext=(7, 4),
+            textcoords="offset points",
+            fontsize=7,
+        )
+    means = [statistics.mean(point["differences"]) for point in drawn]
+    axes.plot([point["images"] for point in drawn], means, color="tab:blue", alpha=0.4)
+    axes.axhline(0.0, color="black", linewidth=0.8)
+    sizes = sorted(DATA_LADDER.values())
+    axes.set_xscale("log")
+    axes.set_xticks(sizes, labels=[f"{size:,}" for size in sizes])
+    axes.xaxis.set_minor_locator(NullLocator())
+    axes.set_xlim(sizes[0] / 1.6, sizes[-1] * 1.6)
+    axes.set_xlabel("training images (log scale)")
+    axes.set_ylabel("CSKD (cls+dist+patch) - DeiT (cls+dist),\ntest top-1 points")
+    axes.set_title(title, fontsize=8)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    pyplot.close(figure)
+    return True
+
+
+def ladder_report(
+    points: list[dict], *, command: str, quick: bool, name: str, plotted: bool
+) -> str:
+    """The generated block of the data ladder's page."""
+
+    def mean_of(values: list[float]) -> str:
+        if not values:
+            return "—"
+        mean, std = mean_std(values)
+        return f"{mean:.2f}" + (f" ± {std:.2f}" if len(values) > 1 else "") + f" ({len(values)})"
+
+    lines = [
+        GENERATED_START,
+        "",
+        f"- Command: `{command}`" + (" (quick mode: a smoke test, not a result)" if quick else ""),
+        "- Each rung is its regime's results file; a rung without runs shows n = 0.",
+        "",
+        "Paired difference per seed, CSKD (cls+dist+patch) - DeiT (cls+dist), test top-1 points "
+        "at the last epoch (2 SE: twice the standard error of the mean over seeds, the plot's "
+        "error bars):",
+        "",
+        "| training images | n | per seed | mean ± std | verdict |",
+        "|---|---|---|---|---|",
+        *(
+            describe_difference(f"{point['images']:,} (`{point['regime']}`)", point["differences"])
+            for point in points
+        ),
+        "",
+        "Test top-1 (%) at the last epoch, mean ± std (n):",
+        "",
+        "| training images | teacher | DeiT (cls+dist) | CSKD (cls+dist+patch) |",
+        "|---|---|---|---|",
+    ]
+    for point in points:
+        teacher = f"{point['teacher']:.2f}" if point["teacher"] is not None else "—"
+        lines.append(
+            f"| {point['images']:,} | {teacher} | {mean_of(point['deit'])} | "
+            f"{mean_of(point['cskd'])} |"
+        )
+    if plotted:
+        lines += ["", f"![CSKD - DeiT against training images]({name}.png)"]
+    lines += ["", GENERATED_END]
+    return "\n".join(lines)
+
+
+def write_ladder(results_dir: Path, *, quick: bool, command: str) -> Path:
+    """Rewrite the data ladder's page (``regime_data[_quick].md``) and plot from the rungs'
+    results, whatever has finished; returns the page's path."""
+    suffix = "_quick" if quick else ""
+    name = f"regime_data{suffix}"
+    title = "Data ladder: CSKD - DeiT against the number of training images"
+    points = ladder_points(results_dir, suffix=suffix)
+    plotted = plot_ladder(points, results_dir / f"{name}.png", title=title)
+    block = ladder_report(points, command=command, quick=quick, name=name, plotted=plotted)
+    page = results_dir / f"{name}.md"
+    write_report(page, block, title=title, prediction=DATA_PREDICTION)
+    return page
+
+
 def check_teacher_locality(
     regime: Regime,
     results_path: Path,
@@ -743,7 +945,12 @@ def check_teacher_locality(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--regime", choices=sorted(REGIMES), required=True)
+    parser.add_argument(
+        "--regime",
+        choices=[*sorted(REGIMES), "data"],
+        required=True,
+        help="a regime, or data: the data ladder's page from its rungs' results (no training)",
+    )
     parser.add_argument("--quick", action="store_true", help="two steps per run: a smoke test")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--output-dir", default="runs/benchmarks/regimes", help="run folders")
@@ -769,6 +976,10 @@ def main(argv: list[str] | None = None) -> int:
     results_dir = Path(arguments.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/regimes.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if arguments.regime == "data":
+        page = write_ladder(results_dir, quick=quick, command=command.strip())
+        print(f"[regimes] wrote {page} (and its plot, where a rung has runs)", flush=True)
+        return 0
     regime = REGIMES[arguments.regime]
     name = regime.stem + ("_quick" if quick else "")
     results_path = results_dir / f"{name}.json"
@@ -873,6 +1084,8 @@ def main(argv: list[str] | None = None) -> int:
     title = f"Regime `{regime.name}`: {regime.title}"
     write_report(results_dir / f"{name}.md", block, title=title, prediction=regime.prediction)
     print(f"[regimes] wrote {results_dir / name}.{{json,md,png}}", flush=True)
+    if regime.name in DATA_LADDER and regime.name != "long":  # a rung of the ladder: its page
+        write_ladder(results_dir, quick=quick, command=f"{command.strip()} (rung {regime.name})")
     if refusal:
         print(refusal, file=sys.stderr, flush=True)  # last, after the report that shows why
         return 1

@@ -278,6 +278,79 @@ def test_locality_check_passes_a_local_map_and_refuses_the_translated_resnet():
         )
 
 
+def _fake_runs(differences: list[float], *, deit: float = 80.0) -> dict:
+    """A regime's results: per seed, DeiT at ``deit`` and CSKD ``difference`` points above it."""
+    runs = {"teacher": {"test": {"cls": {"top1": 89.0}}}}
+    for seed, difference in enumerate(differences):
+        runs[f"deit-seed{seed}"] = {"test": {"cls+dist": {"top1": deit + seed}}}
+        runs[f"cskd-linear-seed{seed}"] = {
+            "test": {"cls+dist+patch": {"top1": deit + seed + difference}}
+        }
+    return {"runs": runs}
+
+
+def test_data_ladder_page_and_plot_from_whatever_rungs_have_runs(tmp_path, one_thread):
+    script = load_script("regimes")
+    # no rung has runs yet: a page of empty rows and no plot
+    assert script.main(["--regime", "data", "--results-dir", str(tmp_path)]) == 0
+    page = (tmp_path / "regime_data.md").read_text()
+    assert "## Prediction (written before the runs)" in page
+    assert "| 2,500 (`data-2500`) | 0 | — | — | — |" in page
+    assert not (tmp_path / "regime_data.png").exists()
+    # the long regime's three seeds are the 10,000 rung, two seeds at 2,500, none at 25,000
+    (tmp_path / "regime_long.json").write_text(json.dumps(_fake_runs([-1.0, -0.5, 0.0])))
+    (tmp_path / "regime_data-2500.json").write_text(json.dumps(_fake_runs([1.0, 2.0])))
+    assert script.main(["--regime", "data", "--results-dir", str(tmp_path)]) == 0
+    page = (tmp_path / "regime_data.md").read_text()
+    assert page.count("## Prediction (written before the runs)") == 1  # the block was replaced
+    # mean -0.5, std 0.5, 2 SE = 2 x 0.5 / sqrt(3) = 0.58
+    assert "| 10,000 (`long`) | 3 | -1.00, -0.50, +0.00 | -0.50 ± 0.50 | within its noise " in page
+    assert "(2 SE = 0.58) |" in page
+    assert "| 2,500 (`data-2500`) | 2 | +1.00, +2.00 | +1.50 ± 0.71 |" in page
+    assert "| 25,000 (`data-25000`) | 0 | — | — | — |" in page
+    assert "| 2,500 | 89.00 | 80.50 ± 0.71 (2) | 82.00 ± 1.41 (2) |" in page
+    assert "| 25,000 | — | — | — |" in page
+    assert "![CSKD - DeiT against training images](regime_data.png)" in page
+    assert (tmp_path / "regime_data.png").stat().st_size > 1000
+    points = script.ladder_points(tmp_path)
+    assert [point["images"] for point in points] == [2500, 10000, 25000]
+    assert script.two_standard_errors(points[1]["differences"]) == pytest.approx(1 / 3**0.5)
+    # a rung's own command trains its teacher and the two methods, then rewrites the ladder
+    quick = tmp_path / "quick"
+    arguments = ["--regime", "data-2500", "--quick", "--output-dir", str(quick / "runs")]
+    assert script.main([*arguments, "--results-dir", str(quick), *one_thread]) == 0
+    runs = json.loads((quick / "regime_data-2500_quick.json").read_text())["runs"]
+    assert set(runs) == {"teacher", "deit-seed0", "cskd-linear-seed0"}
+    page = (quick / "regime_data_quick.md").read_text()
+    assert "| 2,500 (`data-2500`) | 1 |" in page and "(quick mode: a smoke test" in page
+    assert "| 10,000 (`long`) | 0 |" in page and (quick / "regime_data_quick.png").is_file()
+
+
+def test_data_ladder_rungs_train_on_their_size_with_the_same_validation_split():
+    from cskd.config import load_config
+    from cskd.data.build import split_indices
+
+    script = load_script("regimes")
+    splits = {}
+    for name, images in script.DATA_LADDER.items():
+        regime = script.REGIMES[name]
+        for recipe, overrides in (
+            ("teacher.yaml", regime.teacher_overrides(quick=False)),
+            ("cskd.yaml", regime.student_overrides(quick=False)),
+        ):
+            config = load_config(script.RECIPES / recipe, overrides)
+            assert config.data.train_subset == images, (name, recipe)
+            assert (config.data.val_split, config.data.subset_seed) == (5000, 0)
+            assert (config.optim.epochs, config.data.image_size) == (30, 32)
+        splits[name] = split_indices(size=60000, train_subset=images, val_split=5000, seed=0)
+        if name != "long":
+            assert regime.methods == ("deit", "cskd/linear") and not regime.teacher_regime
+    validation = {name: split[1] for name, split in splits.items()}
+    assert validation["data-2500"] == validation["long"] == validation["data-25000"]
+    # and the smaller training sets are the first images of the larger ones
+    assert set(splits["data-2500"][0]) < set(splits["long"][0]) < set(splits["data-25000"][0])
+
+
 def test_epoch_time_runs_old_and_new_seeding_side_by_side(tmp_path, one_thread):
 
     script = load_script("epoch_time")
