@@ -1,9 +1,10 @@
 """Where CSKD beats DeiT distillation, and why: one command per regime, on Fashion-MNIST.
 
 Each regime changes one thing the paper's argument says matters, and trains the same four
-students on it: ``none`` (no teacher), ``deit`` (DeiT hard distillation), ``cskd/linear`` (CSKD
-with linear CKF, the paper's default) and ``cskd/dense`` (CSKD without CKF: the target stays
-local), three seeds each, from one teacher per regime.
+students on it (or the regime's subset of them, ``Regime.methods``): ``none`` (no teacher),
+``deit`` (DeiT hard distillation), ``cskd/linear`` (CSKD with linear CKF, the paper's default)
+and ``cskd/dense`` (CSKD without CKF: the target stays local), three seeds each, from one teacher
+per regime.
 
 - ``long``: today's miniature (10,000 images, 32 px, 8 x 8 student grid, 4 x 4 teacher map) at a
   long schedule (30 epochs instead of 6).
@@ -19,6 +20,20 @@ local), three seeds each, from one teacher per regime.
   0.1). Mixing slows convergence, so the number of epochs is chosen first on the validation split:
   one ``deit`` seed per candidate (30 and 60 epochs), the candidate with the higher validation
   top-1 wins, and that pilot run counts as ``deit`` seed 0.
+- ``local-teacher``: the ``translated`` data and students with a teacher whose map is local:
+  ``bagnet19`` (``cskd.models.bagnet``), each cell of its 8 x 8 map computed from a 19 x 19 px
+  window of the 64 px canvas, trained with the ``long`` teacher recipe. Before any student, the
+  teacher's map is measured on the diagnostics probe (``cskd.training.locality``: object cells,
+  background cells, cells blind to the garment) and recorded with the teacher; the students are
+  refused in one line (exit status 1) unless object cells name the garment's class at 50% or
+  more and background cells at 40% or less (``LOCALITY_LIMITS``; ``--quick`` reports the check
+  and enforces it only with ``--enforce-locality``). ``deit`` and ``cskd/linear`` only; its
+  files are ``regime_local_teacher.*``.
+- ``data-2500``, ``data-25000``: the ``long`` regime on 2,500 and 25,000 training images (the
+  same validation split; each with its own teacher), ``deit`` and ``cskd/linear`` only: with
+  ``long`` (10,000) the rungs of the data ladder. ``--regime data`` writes the ladder's page
+  (``regime_data.md`` and its plot: CSKD - DeiT against the number of images) from whatever
+  rungs have finished; each rung's own command rewrites it too.
 
 Every run trains on a fixed subset, holds 5,000 other training images out as validation split
 (the only data any choice may look at) and evaluates the official test set every third epoch
@@ -26,11 +41,17 @@ and at the end (``train.eval_test``; reported, never used for a choice). Finishe
 appended to ``docs/results/regime_<name>.json`` at once and skipped when the command is started
 again; an interrupted run resumes from its ``last.pt``; several workers (start the command more
 than once) split the runs. The Markdown report's generated block and the plot are rewritten at
-the end of every invocation.
+the end of every invocation. The estimates of the new regimes come from the recorded runs of
+``long`` and ``translated`` on these shared cores (training scales with the images, evaluation
+does not; ``bagnet19`` costs 1.05x the ResNet-18 per step, measured on 128 canvases).
 
     python benchmarks/regimes.py --regime long --threads 1        # about 3.5 core-hours
     python benchmarks/regimes.py --regime translated --threads 1  # about 4.5 core-hours
     python benchmarks/regimes.py --regime recipe --threads 1      # about 6 core-hours
+    python benchmarks/regimes.py --regime local-teacher --threads 1  # about 3.5 core-hours
+    python benchmarks/regimes.py --regime data-2500 --threads 1   # about 1 core-hour
+    python benchmarks/regimes.py --regime data-25000 --threads 1  # about 6.5 core-hours
+    python benchmarks/regimes.py --regime data                    # the data ladder's page
     python benchmarks/regimes.py --regime long --report-only      # the report from finished runs
     python benchmarks/regimes.py --regime long --quick --output-dir /tmp/r --results-dir /tmp/r
 """
@@ -112,6 +133,21 @@ class Regime:
     prediction: str
     teacher_regime: str = ""  # train (or reuse) the teacher of this other regime
     epoch_candidates: tuple[int, ...] = ()  # student epochs chosen on validation (DeiT seed 0)
+    methods: tuple[str, ...] = tuple(METHODS)  # the students trained, a subset of METHODS
+    locality_check: bool = False  # measure the teacher's map and refuse students if not local
+    page: str = ""  # the results' file stem, if not regime_<name>
+
+    def __post_init__(self) -> None:
+        unknown = [label for label in self.methods if label not in METHODS]
+        if unknown:
+            raise ValueError(
+                f"regime {self.name}: unknown methods {unknown}; known: {list(METHODS)}"
+            )
+
+    @property
+    def stem(self) -> str:
+        """The results' file stem: ``<stem>.json``, ``.md``, ``.png`` in the results folder."""
+        return self.page or f"regime_{self.name}"
 
     def teacher_overrides(self, *, quick: bool) -> list[str]:
         overrides = [*SPLIT, *self.data, *self.teacher]
@@ -144,6 +180,49 @@ DEIT_AUGMENTATION = (  # DeiT's recipe where 1-channel 32 px images allow (repea
     "augment.label_smoothing=0.1",
 )
 STUDENT_LONG = ("optim.epochs=30", "optim.warmup_epochs=2")
+TRANSLATED_STUDENT = (  # 20 epochs: the 64 px teacher costs 4x, and the CPU budget is ~6 core-hours
+    "optim.epochs=20",
+    "optim.warmup_epochs=2",
+    "student.kwargs={img_size: 64, patch_size: 8, embed_dim: 64, depth: 4, num_heads: 2}",
+)
+BAGNET = "{channels: [16, 32, 64, 128]}"  # the translated ResNet-18's widths; output stride 8
+# The local-teacher regime's check of the teacher's map before any student trains (the reasons
+# for these values: docs/results/regime_local_teacher.md, "Setup"): percent of cells whose
+# argmax is the garment's class, on the probe's validation canvases.
+LOCALITY_LIMITS = {
+    "object_names_label": (">=", 50.0),  # object cells right: 5x chance; the ResNet-18's 71.7
+    "background_names_label": ("<=", 40.0),  # a local map stays below ~35; the ResNet-18's 74.2
+}
+DATA_LADDER = {"data-2500": 2500, "long": 10000, "data-25000": 25000}  # regime -> images
+DATA_PREDICTION = (
+    "DeiT and the CSKD paper argue that distillation matters most when data are scarce, where a "
+    "ViT cannot learn a CNN's locality by itself, and less as data grow. The dense target gives "
+    "each image 16 targets (the 4 x 4 map) instead of one, which should act most like extra "
+    "supervision when images are few. But on whole-image garments the teacher's cells agree "
+    "with its global answer at 84%, so most of the 16 targets repeat the one DeiT already "
+    "gives. Prediction: CSKD - DeiT at 2,500 images above the 10,000-image value "
+    "(-0.63 ± 0.26), at 25,000 within the noise of it; no size with CSKD above DeiT beyond its "
+    "error bar; the difference falling with log(images), but by less than the error bars."
+)
+
+
+def data_regime(size: int) -> Regime:
+    """A rung of the data ladder: the ``long`` regime on ``size`` training images (the same
+    validation split: it is drawn before the training subset), with its own teacher."""
+    return Regime(
+        name=f"data-{size}",
+        title=(
+            f"Data size: {size:,} training images, the `long` regime's recipe with a teacher "
+            "trained on them (`deit`, `cskd/linear`; the ladder: regime_data.md)"
+        ),
+        data=(f"data.train_subset={size}",),
+        teacher=TEACHER_LONG,
+        student=STUDENT_LONG,
+        methods=("deit", "cskd/linear"),
+        prediction=DATA_PREDICTION,
+    )
+
+
 REGIMES = {
     "long": Regime(
         name="long",
@@ -174,10 +253,8 @@ REGIMES = {
             *TEACHER_LONG,
             "student.kwargs={channels: [16, 32, 64, 128], output_stride: 8}",
         ),
-        student=(  # 20 epochs: the 64 px teacher costs 4x, and the CPU budget is ~6 core-hours
-            "optim.epochs=20",
-            "optim.warmup_epochs=2",
-            "student.kwargs={img_size: 64, patch_size: 8, embed_dim: 64, depth: 4, num_heads: 2}",
+        student=(
+            *TRANSLATED_STUDENT,
             "teacher.kwargs={channels: [16, 32, 64, 128], output_stride: 8}",
         ),
         prediction=(
@@ -244,6 +321,44 @@ REGIMES = {
             "smaller, and DeiT's edge over no teacher should shrink the most."
         ),
     ),
+    "local-teacher": Regime(
+        name="local-teacher",
+        page="regime_local_teacher",
+        title=(
+            "A local teacher: the `translated` canvases with a BagNet teacher whose cells see "
+            "19 x 19 px (8 x 8 map), `deit` against `cskd/linear`"
+        ),
+        data=tuple(TRANSLATED),
+        teacher=(*TEACHER_LONG, "student.name=bagnet19", f"student.kwargs={BAGNET}"),
+        student=(*TRANSLATED_STUDENT, "teacher.name=bagnet19", f"teacher.kwargs={BAGNET}"),
+        methods=("deit", "cskd/linear"),
+        locality_check=True,
+        prediction=(
+            "The `translated` regime could not test CSKD's mechanism: its ResNet-18 sees the "
+            "whole 64 px canvas from every cell, so its background cells named the garment's "
+            "class at 74% and the dense target was a copy of the global one. Here the teacher "
+            "is a BagNet (`bagnet19`) whose cells each see a 19 x 19 px window: a cell whose "
+            "window holds no garment pixel cannot know the garment's class. Before any student "
+            "trains, the script measures the teacher's map on 256 validation canvases and goes "
+            "on only if object cells name the garment's class at 50% or more and background "
+            "cells at 40% or less. If it passes, the dense target carries what the paper's "
+            "argument needs: which patches hold the garment, and what it is. Two forces then act "
+            "on CSKD against DeiT. For: every object patch gets a right, localised target that "
+            "the single distillation token cannot give. Against: the hard CSKD loss takes each "
+            "cell's argmax, and a blind cell's argmax is whatever the teacher guesses from empty "
+            "canvas or clutter; early in training (a(t) near 1) most background patches are "
+            "trained towards such guesses, and the cls+dist+patch rule averages them in. The "
+            "teacher should also be weaker than the ResNet-18 (82.4% test top-1), since no cell "
+            "sees a whole garment, which lowers both students' targets alike. Prediction: the "
+            "teacher passes the check (object cells 55-75%, background cells 15-35%); CSKD - "
+            "DeiT (paired, cls+dist+patch against cls+dist) rises from the `translated` "
+            "regime's -1.95 ± 0.93 to within the noise of zero. CSKD ahead of DeiT beyond the "
+            "noise would be the study's first evidence for the mechanism; it is not expected "
+            "of students that reach only 42-45%."
+        ),
+    ),
+    "data-2500": data_regime(2500),
+    "data-25000": data_regime(25000),
 }
 
 
@@ -298,6 +413,81 @@ def _shared_note(teacher: dict) -> str:
         f"{teacher['weights_sha256'][:12]} vs {str(teacher.get('home_weights_sha256'))[:12]}; "
         "the students here were trained with this one)"
     )
+
+
+def measure_teacher_locality(
+    regime: Regime, *, quick: bool, checkpoint: Path, extra: list[str]
+) -> dict:
+    """:func:`cskd.training.locality.measure_locality` of the regime's trained teacher (the
+    weights of its last epoch) on its students' diagnostics probe (the first
+    ``train.diagnostics_images`` validation canvases), on the CPU: a few seconds."""
+    from cskd.data import build_eval_set
+    from cskd.method.distiller import normalizer
+    from cskd.training.diagnostics import Probe
+    from cskd.training.locality import measure_locality
+    from cskd.training.models import build_teacher
+
+    overrides = [*regime.student_overrides(quick=quick), *extra]
+    config = load_config(
+        RECIPES / "cskd.yaml", [*overrides, f"teacher.checkpoint={checkpoint}", "train.device=cpu"]
+    )
+    teacher = build_teacher(config, method="deit").eval()
+    probe = Probe(
+        build_eval_set(config.data, config.augment),
+        count=config.train.diagnostics_images,
+        student_norm=normalizer(config.data.mean, config.data.std, torch.device("cpu")),
+        schedule=config.distill.schedule,
+    )
+    return measure_locality(teacher, probe)
+
+
+def locality_problem(locality: dict, limits: dict = LOCALITY_LIMITS) -> str:
+    """What keeps the teacher's map from the test the regime needs, in words ('' if nothing):
+    each measure of ``locality`` outside its limit (``(">=" or "<=", percent)``)."""
+    words = {
+        "object_names_label": "object cells name the garment's class",
+        "background_names_label": "background cells name the garment's class",
+    }
+    problems = []
+    for key, (sense, limit) in limits.items():
+        value = locality[key]
+        if math.isnan(value) or (value < limit if sense == ">=" else value > limit):
+            problems.append(f"{words.get(key, key)} at {value:.1f}%, needed {sense} {limit:g}%")
+    return "; ".join(problems)
+
+
+def locality_lines(locality: dict, *, quick: bool) -> list[str]:
+    """The report's lines on the teacher's map (:func:`measure_teacher_locality`'s record)."""
+    blind = locality["blind_cells"]
+    blind_share = (
+        100.0 * blind / locality["background_cells"] if locality["background_cells"] else 0
+    )
+    blind_words = (
+        f"those of them whose window holds no garment pixel ({blind_share:.1f}% of background "
+        f"cells) at {locality['blind_names_label']:.1f}% "
+        f"({locality['blind_label_probability']:.1f}%; chance is about 10%)"
+        if blind
+        else "no background cell has a window without garment pixels"
+    )
+    problem = locality_problem(locality)
+    limits = ", ".join(
+        f"{key.split('_')[0]} cells {sense} {limit:g}%"
+        for key, (sense, limit) in LOCALITY_LIMITS.items()
+    )
+    verdict = f"**refused**: {problem}" if problem else "**passed**"
+    if quick:
+        verdict += " (quick mode: enforced only with --enforce-locality)"
+    return [
+        f"- Teacher's map before any student (its last epoch's weights, {locality['images']} "
+        f"validation canvases; each {locality['cell_px']} px cell computed from a "
+        f"{locality['receptive_field_px']} x {locality['receptive_field_px']} px window, "
+        "measured): object cells (at least 30% garment pixels, "
+        f"{locality['object_cells']:.1f}% of cells) name the garment's class at "
+        f"**{locality['object_names_label']:.1f}%**; background cells at "
+        f"**{locality['background_names_label']:.1f}%** (mean probability of the garment's "
+        f"class {locality['background_label_probability']:.1f}%), {blind_words}",
+        f"- Check before the students ({limits}): {verdict}",
+    ]
 
 
 def run_one(
@@ -365,9 +555,9 @@ def run_key(label: str, seed: int) -> str:
     return f"{label.replace('/', '-')}-seed{seed}"
 
 
-def plan(seeds: int) -> list[tuple[str, int]]:
+def plan(seeds: int, methods: tuple[str, ...] = tuple(METHODS)) -> list[tuple[str, int]]:
     """Seed 0 of every method first, so that a partial study already compares them all."""
-    return [(label, seed) for seed in range(seeds) for label in METHODS]
+    return [(label, seed) for seed in range(seeds) for label in methods]
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -383,6 +573,24 @@ def paired(results: dict, first: str, second: str, *, rules: tuple[str, str]) ->
         if a and b:
             differences.append(a["test"][rules[0]]["top1"] - b["test"][rules[1]]["top1"])
     return differences
+
+
+PAIRS = (  # the report's paired differences: (row, first method, second method, their rules)
+    (
+        "CSKD (cls+dist+patch) - DeiT (cls+dist)",
+        "cskd/linear",
+        "deit",
+        ("cls+dist+patch", "cls+dist"),
+    ),
+    ("CSKD - DeiT, both cls+dist", "cskd/linear", "deit", ("cls+dist", "cls+dist")),
+    (
+        "CKF: cskd/linear - cskd/dense (cls+dist+patch)",
+        "cskd/linear",
+        "cskd/dense",
+        ("cls+dist+patch", "cls+dist+patch"),
+    ),
+    ("DeiT (cls+dist) - no teacher (cls)", "deit", "none", ("cls+dist", "cls")),
+)
 
 
 def describe_difference(name: str, differences: list[float]) -> str:
@@ -411,7 +619,8 @@ def plot(results: dict, regime: Regime, path: Path) -> None:
     from matplotlib import pyplot
 
     figure, axes = pyplot.subplots(figsize=(6.4, 4.2))
-    for label, (_, rule) in METHODS.items():
+    for label in regime.methods:
+        rule = METHODS[label][1]
         curves = [
             entry["curve"]
             for key, entry in results["runs"].items()
@@ -463,6 +672,8 @@ def report(results: dict, regime: Regime, *, command: str, quick: bool, name: st
             f"- Teacher: validation top-1 {teacher['val']['cls']['top1']:.2f}%, test top-1 "
             f"**{teacher['test']['cls']['top1']:.2f}%** at its last epoch" + _shared_note(teacher)
         )
+        if "locality" in teacher:
+            lines += locality_lines(teacher["locality"], quick=quick)
     if regime.epoch_candidates:
         candidates = (1, 2) if quick else regime.epoch_candidates
         pilots = [
@@ -484,7 +695,8 @@ def report(results: dict, regime: Regime, *, command: str, quick: bool, name: st
         "| method | n | cls | cls+dist | cls+dist+patch | val (own rule) |",
         "|---|---|---|---|---|---|",
     ]
-    for label, (_, own_rule) in METHODS.items():
+    for label in regime.methods:
+        own_rule = METHODS[label][1]
         entries = [runs[run_key(label, seed)] for seed in range(10) if run_key(label, seed) in runs]
         if not entries:
             continue
@@ -504,21 +716,10 @@ def report(results: dict, regime: Regime, *, command: str, quick: bool, name: st
         "",
         "| difference | n | per seed | mean ± std | verdict |",
         "|---|---|---|---|---|",
-        describe_difference(
-            "CSKD (cls+dist+patch) - DeiT (cls+dist)",
-            paired(results, "cskd/linear", "deit", rules=("cls+dist+patch", "cls+dist")),
-        ),
-        describe_difference(
-            "CSKD - DeiT, both cls+dist",
-            paired(results, "cskd/linear", "deit", rules=("cls+dist", "cls+dist")),
-        ),
-        describe_difference(
-            "CKF: cskd/linear - cskd/dense (cls+dist+patch)",
-            paired(results, "cskd/linear", "cskd/dense", rules=("cls+dist+patch",) * 2),
-        ),
-        describe_difference(
-            "DeiT (cls+dist) - no teacher (cls)",
-            paired(results, "deit", "none", rules=("cls+dist", "cls")),
+        *(
+            describe_difference(row, paired(results, first, second, rules=rules))
+            for row, first, second, rules in PAIRS
+            if first in regime.methods and second in regime.methods
         ),
         "",
         "Per run (test top-1 at the last epoch: cls / cls+dist / cls+dist+patch; training time):",
@@ -532,8 +733,8 @@ def report(results: dict, regime: Regime, *, command: str, quick: bool, name: st
     return "\n".join(lines)
 
 
-def write_report(path: Path, block: str, regime: Regime) -> None:
-    """Replace the generated block of ``path``, or create the page with the regime's title and
+def write_report(path: Path, block: str, *, title: str, prediction: str) -> None:
+    """Replace the generated block of ``path``, or create the page with its title and
     prediction around it (the prediction is written before any run)."""
     if path.exists() and GENERATED_START in path.read_text():
         text = path.read_text()
@@ -542,21 +743,226 @@ def write_report(path: Path, block: str, regime: Regime) -> None:
         path.write_text(before + block + after)
         return
     path.write_text(
-        f"# Regime `{regime.name}`: {regime.title}\n\n"
-        f"## Prediction (written before the runs)\n\n{regime.prediction}\n\n"
+        f"# {title}\n\n"
+        f"## Prediction (written before the runs)\n\n{prediction}\n\n"
         f"## Results\n\n{block}\n"
     )
 
 
+def ladder_points(results_dir: Path, *, suffix: str = "") -> list[dict]:
+    """Per rung of ``DATA_LADDER``, from its regime's results (``<stem><suffix>.json``):
+    ``regime``, ``images``, ``differences`` (per seed with both runs: CSKD's test top-1 with
+    cls+dist+patch minus DeiT's with cls+dist, points), ``deit`` and ``cskd`` (each seed's test
+    top-1 with its own rule), ``teacher`` (test top-1, None before it ran). A rung without
+    results has empty lists."""
+    points = []
+    for name, images in DATA_LADDER.items():
+        results = read_results(results_dir / f"{REGIMES[name].stem}{suffix}.json")
+        runs = results["runs"]
+        own = {
+            label: [
+                runs[key]["test"][METHODS[label][1]]["top1"]
+                for seed in range(10)
+                if (key := run_key(label, seed)) in runs
+            ]
+            for label in ("deit", "cskd/linear")
+        }
+        teacher = runs.get("teacher")
+        points.append(
+            {
+                "regime": name,
+                "images": images,
+                "differences": paired(
+                    results, "cskd/linear", "deit", rules=("cls+dist+patch", "cls+dist")
+                ),
+                "deit": own["deit"],
+                "cskd": own["cskd/linear"],
+                "teacher": teacher["test"]["cls"]["top1"] if teacher else None,
+            }
+        )
+    return points
+
+
+def two_standard_errors(values: list[float]) -> float:
+    """2 x the standard error of the mean (about a 95% interval of the mean); NaN below 2."""
+    if len(values) < 2:
+        return math.nan
+    return 2 * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def plot_ladder(points: list[dict], path: Path, *, title: str) -> bool:
+    """The paired difference CSKD - DeiT against the number of training images (log x): each
+    seed a grey dot, the mean with 2 SE error bars (none for one seed). Only the rungs with
+    runs are drawn; False (nothing written) when no rung has any."""
+    drawn = [point for point in points if point["differences"]]
+    if not drawn:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+    from matplotlib.ticker import NullLocator
+
+    figure, axes = pyplot.subplots(figsize=(6.0, 4.0))
+    for index, point in enumerate(drawn):
+        x, differences = point["images"], point["differences"]
+        axes.scatter(
+            [x] * len(differences),
+            differences,
+            s=14,
+            color="gray",
+            alpha=0.7,
+            zorder=2,
+            label="one seed" if index == 0 else None,
+        )
+        mean, error = statistics.mean(differences), two_standard_errors(differences)
+        axes.errorbar(
+            x,
+            mean,
+            yerr=None if math.isnan(error) else error,
+            fmt="o",
+            color="tab:blue",
+            capsize=4,
+            zorder=3,
+            label="mean ± 2 SE over seeds" if index == 0 else None,
+        )
+        axes.annotate(
+            f"n={len(differences)}",
+            (x, mean),
+            xytext=(7, 4),
+            textcoords="offset points",
+            fontsize=7,
+        )
+    means = [statistics.mean(point["differences"]) for point in drawn]
+    axes.plot([point["images"] for point in drawn], means, color="tab:blue", alpha=0.4)
+    axes.axhline(0.0, color="black", linewidth=0.8)
+    sizes = sorted(DATA_LADDER.values())
+    axes.set_xscale("log")
+    axes.set_xticks(sizes, labels=[f"{size:,}" for size in sizes])
+    axes.xaxis.set_minor_locator(NullLocator())
+    axes.set_xlim(sizes[0] / 1.6, sizes[-1] * 1.6)
+    axes.set_xlabel("training images (log scale)")
+    axes.set_ylabel("CSKD (cls+dist+patch) - DeiT (cls+dist),\ntest top-1 points")
+    axes.set_title(title, fontsize=8)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    pyplot.close(figure)
+    return True
+
+
+def ladder_report(
+    points: list[dict], *, command: str, quick: bool, name: str, plotted: bool
+) -> str:
+    """The generated block of the data ladder's page."""
+
+    def mean_of(values: list[float]) -> str:
+        if not values:
+            return "—"
+        mean, std = mean_std(values)
+        return f"{mean:.2f}" + (f" ± {std:.2f}" if len(values) > 1 else "") + f" ({len(values)})"
+
+    lines = [
+        GENERATED_START,
+        "",
+        f"- Command: `{command}`" + (" (quick mode: a smoke test, not a result)" if quick else ""),
+        "- Each rung is its regime's results file; a rung without runs shows n = 0.",
+        "",
+        "Paired difference per seed, CSKD (cls+dist+patch) - DeiT (cls+dist), test top-1 points "
+        "at the last epoch (2 SE: twice the standard error of the mean over seeds, the plot's "
+        "error bars):",
+        "",
+        "| training images | n | per seed | mean ± std | verdict |",
+        "|---|---|---|---|---|",
+        *(
+            describe_difference(f"{point['images']:,} (`{point['regime']}`)", point["differences"])
+            for point in points
+        ),
+        "",
+        "Test top-1 (%) at the last epoch, mean ± std (n):",
+        "",
+        "| training images | teacher | DeiT (cls+dist) | CSKD (cls+dist+patch) |",
+        "|---|---|---|---|",
+    ]
+    for point in points:
+        teacher = f"{point['teacher']:.2f}" if point["teacher"] is not None else "—"
+        lines.append(
+            f"| {point['images']:,} | {teacher} | {mean_of(point['deit'])} | "
+            f"{mean_of(point['cskd'])} |"
+        )
+    if plotted:
+        lines += ["", f"![CSKD - DeiT against training images]({name}.png)"]
+    lines += ["", GENERATED_END]
+    return "\n".join(lines)
+
+
+def write_ladder(results_dir: Path, *, quick: bool, command: str) -> Path:
+    """Rewrite the data ladder's page (``regime_data[_quick].md``) and plot from the rungs'
+    results, whatever has finished; returns the page's path."""
+    suffix = "_quick" if quick else ""
+    name = f"regime_data{suffix}"
+    title = "Data ladder: CSKD - DeiT against the number of training images"
+    points = ladder_points(results_dir, suffix=suffix)
+    plotted = plot_ladder(points, results_dir / f"{name}.png", title=title)
+    block = ladder_report(points, command=command, quick=quick, name=name, plotted=plotted)
+    page = results_dir / f"{name}.md"
+    write_report(page, block, title=title, prediction=DATA_PREDICTION)
+    return page
+
+
+def check_teacher_locality(
+    regime: Regime,
+    results_path: Path,
+    *,
+    checkpoint: Path,
+    quick: bool,
+    enforce: bool,
+    extra: list[str],
+) -> str:
+    """Measure the trained teacher's locality once per weights (recorded with the teacher in
+    the regime's results) and check it against ``LOCALITY_LIMITS``. Returns the refusal line
+    when it fails and ``enforce`` is set ('' otherwise: the students may train)."""
+    teacher = read_results(results_path)["runs"]["teacher"]
+    locality = teacher.get("locality")
+    if locality is None or locality.get("weights_sha256") != teacher["weights_sha256"]:
+        measured = measure_teacher_locality(regime, quick=quick, checkpoint=checkpoint, extra=extra)
+        locality = {**measured, "weights_sha256": teacher["weights_sha256"]}
+        write_results(results_path, {"runs": {"teacher": {**teacher, "locality": locality}}})
+    problem = locality_problem(locality)
+    print(f"[regimes] teacher's map: {locality_lines(locality, quick=quick)[0][2:]}", flush=True)
+    if not problem:
+        return ""
+    line = (
+        f"[regimes] {regime.name}: the teacher's map cannot test CSKD's mechanism: {problem}. "
+        f"No student is trained (see {regime.stem}.md, Setup)"
+    )
+    if not enforce:
+        print(f"{line} -- quick mode: reported, not enforced", flush=True)
+        return ""
+    return line
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--regime", choices=sorted(REGIMES), required=True)
+    parser.add_argument(
+        "--regime",
+        choices=[*sorted(REGIMES), "data"],
+        required=True,
+        help="a regime, or data: the data ladder's page from its rungs' results (no training)",
+    )
     parser.add_argument("--quick", action="store_true", help="two steps per run: a smoke test")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--output-dir", default="runs/benchmarks/regimes", help="run folders")
     parser.add_argument("--results-dir", default="docs/results", help="JSON, Markdown and PNG")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the report")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    parser.add_argument(
+        "--enforce-locality",
+        action="store_true",
+        help="with --quick, refuse the students of a teacher that fails the locality check, as "
+        "a full run does (a smoke test of the refusal)",
+    )
     parser.add_argument(
         "--override",
         action="append",
@@ -566,19 +972,25 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     if arguments.threads:
         torch.set_num_threads(arguments.threads)
-    regime = REGIMES[arguments.regime]
     quick = arguments.quick
-    name = f"regime_{regime.name}" + ("_quick" if quick else "")
     results_dir = Path(arguments.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/regimes.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if arguments.regime == "data":
+        page = write_ladder(results_dir, quick=quick, command=command.strip())
+        print(f"[regimes] wrote {page} (and its plot, where a rung has runs)", flush=True)
+        return 0
+    regime = REGIMES[arguments.regime]
+    name = regime.stem + ("_quick" if quick else "")
     results_path = results_dir / f"{name}.json"
     output_dir = Path(arguments.output_dir) / (regime.name + ("_quick" if quick else ""))
 
+    refusal = ""  # why no student may train (the local-teacher regime's check), if it failed
     if not arguments.report_only:
         suffix = "_quick" if quick else ""
         teacher_name = regime.teacher_regime or regime.name  # a shared teacher keeps its home
         teacher_dir = Path(arguments.output_dir) / (teacher_name + suffix) / "teacher"
-        teacher_results = results_dir / f"regime_{teacher_name}{suffix}.json"
+        teacher_results = results_dir / f"{REGIMES[teacher_name].stem}{suffix}.json"
         teacher_overrides = [*regime.teacher_overrides(quick=quick), *arguments.override]
         shared = teacher_results != results_path
         home = read_results(teacher_results)["runs"].get("teacher") if shared else None
@@ -605,6 +1017,15 @@ def main(argv: list[str] | None = None) -> int:
             }
             write_results(results_path, {"runs": {"teacher": {**used, **note}}})
         checkpoint = teacher_dir / "student.safetensors"
+        if regime.locality_check:
+            refusal = check_teacher_locality(
+                regime,
+                results_path,
+                checkpoint=checkpoint,
+                quick=quick,
+                enforce=not quick or arguments.enforce_locality,
+                extra=arguments.override,
+            )
 
         def train_student(label: str, seed: int, key: str, extra: list[str]) -> bool:
             return run_one(
@@ -623,7 +1044,7 @@ def main(argv: list[str] | None = None) -> int:
             )
 
         epochs_extra: list[str] = []
-        if regime.epoch_candidates:
+        if regime.epoch_candidates and not refusal:
             candidates = (1, 2) if quick else regime.epoch_candidates
             for epochs in candidates:
                 train_student("deit", 0, f"pilot-e{epochs}-deit-seed0", epochs_overrides(epochs))
@@ -638,7 +1059,8 @@ def main(argv: list[str] | None = None) -> int:
                     results_path, {"runs": {run_key("deit", 0): {**pilot, "pilot": True}}}
                 )
             print(f"[regimes] epochs chosen on validation: {chosen}", flush=True)
-        for label, seed in plan(1 if quick else arguments.seeds):
+        students = [] if refusal else plan(1 if quick else arguments.seeds, regime.methods)
+        for label, seed in students:
             train_student(label, seed, run_key(label, seed), epochs_extra)
 
     missing = {  # runs recorded before train_s and the tensor digest, folders still here
@@ -656,12 +1078,17 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         write_results(results_path, {"runs": missing})
     results = read_results(results_path)
-    command = "python benchmarks/regimes.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if results["runs"]:
         plot(results, regime, results_dir / f"{name}.png")
     block = report(results, regime, command=command.strip(), quick=quick, name=name)
-    write_report(results_dir / f"{name}.md", block, regime)
+    title = f"Regime `{regime.name}`: {regime.title}"
+    write_report(results_dir / f"{name}.md", block, title=title, prediction=regime.prediction)
     print(f"[regimes] wrote {results_dir / name}.{{json,md,png}}", flush=True)
+    if regime.name in DATA_LADDER and regime.name != "long":  # a rung of the ladder: its page
+        write_ladder(results_dir, quick=quick, command=f"{command.strip()} (rung {regime.name})")
+    if refusal:
+        print(refusal, file=sys.stderr, flush=True)  # last, after the report that shows why
+        return 1
     return 0
 
 

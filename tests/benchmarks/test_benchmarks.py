@@ -196,6 +196,161 @@ def test_recipe_regime_shares_the_long_teacher_and_chooses_epochs_on_validation(
     assert script.chosen_epochs({"runs": {}}, (30, 60)) is None
 
 
+def test_local_teacher_regime_checks_the_teacher_map_before_training_only_its_methods(
+    tmp_path, one_thread, capsys, monkeypatch
+):
+    script = load_script("regimes")
+    arguments = ["--regime", "local-teacher", "--quick", "--output-dir", str(tmp_path / "runs")]
+    arguments += ["--results-dir", str(tmp_path), *one_thread]
+    name = "regime_local_teacher_quick"
+    # a teacher that fails the check (a quick teacher always would; the limit makes it certain):
+    # one line, exit status 1, the teacher's figures on the page, and no student trained
+    monkeypatch.setitem(script.LOCALITY_LIMITS, "object_names_label", (">=", 100.5))
+    assert script.main([*arguments, "--enforce-locality"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "cannot test CSKD's mechanism: object cells name the garment's class at" in last
+    assert "needed >= 100.5%. No student is trained" in last
+    runs = json.loads((tmp_path / f"{name}.json").read_text())["runs"]
+    assert set(runs) == {"teacher"}
+    assert sorted(path.name for path in (tmp_path / "runs" / "local-teacher_quick").iterdir()) == [
+        "claims",
+        "teacher",
+    ]
+    locality = runs["teacher"]["locality"]
+    assert (locality["receptive_field_px"], locality["cell_px"], locality["images"]) == (19, 8, 32)
+    assert locality["weights_sha256"] == runs["teacher"]["weights_sha256"]
+    assert "student.name=bagnet19" in runs["teacher"]["overrides"]
+    page = (tmp_path / f"{name}.md").read_text()
+    assert "- Teacher's map before any student" in page
+    assert f"name the garment's class at **{locality['object_names_label']:.1f}%**" in page
+    assert "**refused**: object cells" in page
+    # quick mode reports the check without enforcing it: the teacher is kept and not measured
+    # again, and only the regime's two methods train
+    assert script.main(arguments) == 0
+    runs = json.loads((tmp_path / f"{name}.json").read_text())["runs"]
+    assert set(runs) == {"teacher", "deit-seed0", "cskd-linear-seed0"}
+    assert runs["teacher"]["locality"] == locality
+    assert "teacher.name=bagnet19" in runs["cskd-linear-seed0"]["overrides"]
+    page = (tmp_path / f"{name}.md").read_text()
+    assert "| deit | 1 |" in page and "| cskd/linear | 1 |" in page and "| none |" not in page
+    assert "| CSKD (cls+dist+patch) - DeiT (cls+dist) | 1 |" in page and "CKF:" not in page
+    assert "(quick mode: enforced only with --enforce-locality)" in page
+
+
+def test_locality_check_passes_a_local_map_and_refuses_the_translated_resnet():
+    script = load_script("regimes")
+    local = {"object_names_label": 65.0, "background_names_label": 25.0}
+    assert script.locality_problem(local) == ""
+    # the translated regime's ResNet-18 (docs/results/regime_translated.md): 71.7% and 74.2%
+    resnet = {"object_names_label": 71.7, "background_names_label": 74.2}
+    assert script.locality_problem(resnet) == (
+        "background cells name the garment's class at 74.2%, needed <= 40%"
+    )
+    wrong = {"object_names_label": 49.9, "background_names_label": 10.0}
+    assert script.locality_problem(wrong).startswith("object cells name the garment's class")
+    assert script.locality_problem({**local, "object_names_label": float("nan")})  # none seen
+    record = {
+        **resnet,
+        "images": 256,
+        "cell_px": 8,
+        "receptive_field_px": 64,
+        "object_cells": 11.4,
+        "background_cells": 88.6,
+        "background_label_probability": 60.0,
+        "blind_cells": 0.0,
+        "blind_names_label": float("nan"),
+        "blind_label_probability": float("nan"),
+    }
+    lines = script.locality_lines(record, quick=False)
+    assert "no background cell has a window without garment pixels" in lines[0]
+    assert lines[1].endswith("**refused**: " + script.locality_problem(resnet))
+    # the regime's students follow its own methods, seed 0 of each first
+    regime = script.REGIMES["local-teacher"]
+    assert script.plan(2, regime.methods) == [
+        ("deit", 0),
+        ("cskd/linear", 0),
+        ("deit", 1),
+        ("cskd/linear", 1),
+    ]
+    with pytest.raises(ValueError, match="unknown methods"):
+        script.Regime(
+            name="x", title="", data=(), teacher=(), student=(), prediction="", methods=("dino",)
+        )
+
+
+def _fake_runs(differences: list[float], *, deit: float = 80.0) -> dict:
+    """A regime's results: per seed, DeiT at ``deit`` and CSKD ``difference`` points above it."""
+    runs = {"teacher": {"test": {"cls": {"top1": 89.0}}}}
+    for seed, difference in enumerate(differences):
+        runs[f"deit-seed{seed}"] = {"test": {"cls+dist": {"top1": deit + seed}}}
+        runs[f"cskd-linear-seed{seed}"] = {
+            "test": {"cls+dist+patch": {"top1": deit + seed + difference}}
+        }
+    return {"runs": runs}
+
+
+def test_data_ladder_page_and_plot_from_whatever_rungs_have_runs(tmp_path, one_thread):
+    script = load_script("regimes")
+    # no rung has runs yet: a page of empty rows and no plot
+    assert script.main(["--regime", "data", "--results-dir", str(tmp_path)]) == 0
+    page = (tmp_path / "regime_data.md").read_text()
+    assert "## Prediction (written before the runs)" in page
+    assert "| 2,500 (`data-2500`) | 0 | — | — | — |" in page
+    assert not (tmp_path / "regime_data.png").exists()
+    # the long regime's three seeds are the 10,000 rung, two seeds at 2,500, none at 25,000
+    (tmp_path / "regime_long.json").write_text(json.dumps(_fake_runs([-1.0, -0.5, 0.0])))
+    (tmp_path / "regime_data-2500.json").write_text(json.dumps(_fake_runs([1.0, 2.0])))
+    assert script.main(["--regime", "data", "--results-dir", str(tmp_path)]) == 0
+    page = (tmp_path / "regime_data.md").read_text()
+    assert page.count("## Prediction (written before the runs)") == 1  # the block was replaced
+    # mean -0.5, std 0.5, 2 SE = 2 x 0.5 / sqrt(3) = 0.58
+    assert "| 10,000 (`long`) | 3 | -1.00, -0.50, +0.00 | -0.50 ± 0.50 | within its noise " in page
+    assert "(2 SE = 0.58) |" in page
+    assert "| 2,500 (`data-2500`) | 2 | +1.00, +2.00 | +1.50 ± 0.71 |" in page
+    assert "| 25,000 (`data-25000`) | 0 | — | — | — |" in page
+    assert "| 2,500 | 89.00 | 80.50 ± 0.71 (2) | 82.00 ± 1.41 (2) |" in page
+    assert "| 25,000 | — | — | — |" in page
+    assert "![CSKD - DeiT against training images](regime_data.png)" in page
+    assert (tmp_path / "regime_data.png").stat().st_size > 1000
+    points = script.ladder_points(tmp_path)
+    assert [point["images"] for point in points] == [2500, 10000, 25000]
+    assert script.two_standard_errors(points[1]["differences"]) == pytest.approx(1 / 3**0.5)
+    # a rung's own command trains its teacher and the two methods, then rewrites the ladder
+    quick = tmp_path / "quick"
+    arguments = ["--regime", "data-2500", "--quick", "--output-dir", str(quick / "runs")]
+    assert script.main([*arguments, "--results-dir", str(quick), *one_thread]) == 0
+    runs = json.loads((quick / "regime_data-2500_quick.json").read_text())["runs"]
+    assert set(runs) == {"teacher", "deit-seed0", "cskd-linear-seed0"}
+    page = (quick / "regime_data_quick.md").read_text()
+    assert "| 2,500 (`data-2500`) | 1 |" in page and "(quick mode: a smoke test" in page
+    assert "| 10,000 (`long`) | 0 |" in page and (quick / "regime_data_quick.png").is_file()
+
+
+def test_data_ladder_rungs_train_on_their_size_with_the_same_validation_split():
+    from cskd.config import load_config
+    from cskd.data.build import split_indices
+
+    script = load_script("regimes")
+    splits = {}
+    for name, images in script.DATA_LADDER.items():
+        regime = script.REGIMES[name]
+        for recipe, overrides in (
+            ("teacher.yaml", regime.teacher_overrides(quick=False)),
+            ("cskd.yaml", regime.student_overrides(quick=False)),
+        ):
+            config = load_config(script.RECIPES / recipe, overrides)
+            assert config.data.train_subset == images, (name, recipe)
+            assert (config.data.val_split, config.data.subset_seed) == (5000, 0)
+            assert (config.optim.epochs, config.data.image_size) == (30, 32)
+        splits[name] = split_indices(size=60000, train_subset=images, val_split=5000, seed=0)
+        if name != "long":
+            assert regime.methods == ("deit", "cskd/linear") and not regime.teacher_regime
+    validation = {name: split[1] for name, split in splits.items()}
+    assert validation["data-2500"] == validation["long"] == validation["data-25000"]
+    # and the smaller training sets are the first images of the larger ones
+    assert set(splits["data-2500"][0]) < set(splits["long"][0]) < set(splits["data-25000"][0])
+
+
 def test_epoch_time_runs_old_and_new_seeding_side_by_side(tmp_path, one_thread):
 
     script = load_script("epoch_time")

@@ -1,0 +1,82 @@
+"""``bagnet19``: each cell of its map sees a bounded 19 x 19 px window (measured from the
+gradient, against a ResNet-18 whose cells see the whole canvas), it is a CSKD teacher, and the
+library builds it by name."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import timm
+import torch
+
+import cskd.models  # noqa: F401  (registers bagnet19)
+from cskd.method.adapters import DenseTeacher
+from cskd.models.bagnet import RECEPTIVE_FIELD
+from cskd.training.locality import receptive_field
+
+WIDTHS = [8, 16, 32, 64]
+
+
+def _bagnet(**kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    # zero_init_last=False: at initialisation timm zeroes each residual branch's last BatchNorm,
+    # and only the shortcuts (1x1) would reach a cell
+    return timm.create_model(
+        "bagnet19", num_classes=10, in_chans=1, channels=WIDTHS, zero_init_last=False, **kwargs
+    )
+
+
+def test_each_cell_sees_a_19_px_window_of_a_64_px_canvas():
+    images = torch.randn(8, 1, 64, 64)
+    assert _bagnet().forward_features(images).shape == (8, WIDTHS[-1], 8, 8)
+    field = receptive_field(_bagnet(), images)
+    # the arithmetic of the module docstring, measured: about a quarter of the canvas side
+    assert field.size == RECEPTIVE_FIELD == 19 and field.stride == 8
+    # the window of the central cell (4, 4), whose pixels are 32..39, starts at 32 - 9 = 23
+    assert field.offset == -9
+    # the same measurement finds the whole canvas for the translated regime's ResNet-18
+    torch.manual_seed(0)
+    resnet = timm.create_model(
+        "resnet18",
+        num_classes=10,
+        in_chans=1,
+        channels=WIDTHS,
+        output_stride=8,
+        zero_init_last=False,
+    )
+    assert receptive_field(resnet, images).size == 64
+
+
+def test_output_stride_8_is_native_and_the_map_follows_the_image_size():
+    images = torch.randn(2, 1, 32, 32)
+    assert _bagnet(output_stride=8).forward_features(images).shape[-2:] == (4, 4)
+    assert _bagnet(output_stride=32).forward_features(images).shape[-2:] == (4, 4)
+
+
+def test_dense_teacher_takes_it_and_its_cells_average_to_its_output():
+    model = _bagnet().eval()
+    teacher = DenseTeacher(
+        model, name="bagnet19", check_size=64, mean=(0.089,), std=(0.238,), in_chans=1
+    )
+    assert not teacher.global_only and teacher.grid(64) == (8, 8)
+    output = teacher(torch.randn(3, 1, 64, 64))
+    assert output.dense_logits.shape == (3, 10, 8, 8)
+    torch.testing.assert_close(output.dense_logits.mean((2, 3)), output.global_logits)
+
+
+def test_the_library_knows_the_name_before_building_any_model(tmp_path):
+    """A run, the pre-flight and load_teacher find bagnet19 by name, with no import by the user."""
+    model = _bagnet()
+    torch.save(model.state_dict(), tmp_path / "bagnet.pth")
+    code = (
+        "import sys, timm; from cskd.training import preflight; "
+        "assert timm.is_model('bagnet19'); from cskd import load_teacher; "
+        f"t = load_teacher('bagnet19', sys.argv[1], num_classes=10, in_chans=1, channels={WIDTHS},"
+        " image_size=64, mean=(0.5,), std=(0.5,)); print(t.grid(64))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "bagnet.pth")], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "(8, 8)"
