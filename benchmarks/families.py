@@ -17,6 +17,7 @@ recorded as ``BUG: ...``. Writes ``docs/results/families.{json,md}``.
 
     python benchmarks/families.py --threads 1                   # about 10 min, 98 families
     python benchmarks/families.py --families resnet vision_transformer --results-dir /tmp/f
+    python benchmarks/families.py --families gemma4_vit --update      # those rows again
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import timm
 import torch
 
 from cskd.errors import USER_ERRORS
+from cskd.training.preflight import no_classifier
 from cskd.method.adapters import (
     DenseStudent,
     DenseTeacher,
@@ -105,6 +107,16 @@ def check_family(family: str) -> dict:
         return {"family": family, "model": None}
     model, size = build(name)
     images = torch.randn(2, 3, size, size)
+    if no_classifier(model):  # what preflight.check_models refuses, for either role
+        refusal = f"no: {name} builds no classifier head (timm gives it num_classes=0: an encoder)"
+        return {
+            "family": family,
+            "model": name,
+            "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+            "input": size,
+            **dict.fromkeys(COLUMNS, refusal),
+            "seconds": 0.0,
+        }
 
     def teacher(global_only: bool) -> None:
         model = build(name)[0]  # in_chans from the build, as load_teacher passes it
@@ -166,6 +178,9 @@ def report(rows: list[dict], *, command: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--families", nargs="*", help="timm modules (default: every one)")
+    parser.add_argument(
+        "--update", action="store_true", help="replace only these families' rows of families.json"
+    )
     parser.add_argument("--results-dir", default="docs/results")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     args = parser.parse_args(argv)
@@ -179,9 +194,16 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(rows[-1]), flush=True)
     out = Path(args.results_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "families.json").write_text(json.dumps(rows, indent=1) + "\n")
     command = "python benchmarks/families.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    (out / "families.md").write_text(report(rows, command=command.strip()))
+    record = {"command": command.strip(), "updates": [], "rows": rows}
+    if args.update and (out / "families.json").exists():
+        record = json.loads((out / "families.json").read_text())
+        fresh = {row["family"]: row for row in rows}
+        record["rows"] = [fresh.pop(r["family"], r) for r in record["rows"]] + list(fresh.values())
+        record["updates"].append(command.strip())
+    (out / "families.json").write_text(json.dumps(record, indent=1) + "\n")
+    commands = " ; then ".join([record["command"], *record["updates"]])
+    (out / "families.md").write_text(report(record["rows"], command=commands))
     print(f"wrote {out / 'families.md'}")
     return 0
 

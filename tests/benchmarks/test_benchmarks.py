@@ -496,9 +496,14 @@ def test_families_table_records_each_outcome_in_one_line(tmp_path, one_thread):
     script = load_script("families")
     families = ["resnet", "pit"]
     assert script.main(["--families", *families, "--results-dir", str(tmp_path), *one_thread]) == 0
-    rows = {r["family"]: r for r in json.loads((tmp_path / "families.json").read_text())}
+    rows = {r["family"]: r for r in json.loads((tmp_path / "families.json").read_text())["rows"]}
     assert all(rows["resnet"][column] == "yes" for column in script.COLUMNS)
     assert rows["pit"]["student cskd"].startswith("no: its final features are")
     assert rows["pit"]["student deit"] == "yes" and rows["pit"]["teacher deit"] == "yes"
     page = (tmp_path / "families.md").read_text()
     assert "tracebacks (bugs): 0" in page and "| pit | `pit_ti_224` |" in page
+    # --update replaces the named families' rows and keeps the others
+    arguments = ["--families", "pit", "--update", "--results-dir", str(tmp_path), *one_thread]
+    assert script.main(arguments) == 0
+    record = json.loads((tmp_path / "families.json").read_text())
+    assert [r["family"] for r in record["rows"]] == families and len(record["updates"]) == 1

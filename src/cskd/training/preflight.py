@@ -96,7 +96,7 @@ def check_models(config: Config) -> None:
             defaults={"num_classes": config.data.num_classes, "in_chans": config.data.in_chans},
         )
     for section, model in (("student", student), ("teacher", teacher)):
-        if model is not None and getattr(model, "num_classes", None) == 0:
+        if model is not None and no_classifier(model):
             raise ConfigError(
                 f"{section}.name={getattr(config, section).name} builds no classifier head (timm "
                 f"gives it num_classes=0: an encoder): a {section} must give data.num_classes="
@@ -123,6 +123,11 @@ def check_models(config: Config) -> None:
             f"{problem}; use a ViT with a patch grid (ViT, DeiT, EVA, BEiT, CaiT), or "
             "distill.method=deit (it trains this student on its class token)"
         )
+
+
+def no_classifier(model: torch.nn.Module) -> bool:
+    """True for a timm model built with a num_classes it ignores: an encoder without a head."""
+    return getattr(model, "num_classes", None) == 0
 
 
 def check_compile_backend(backend: str) -> None:
