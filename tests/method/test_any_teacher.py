@@ -98,3 +98,15 @@ def test_a_teacher_with_several_feature_streams_is_refused_under_cskd_in_one_lin
     with pytest.raises(TeacherError, match=r"several streams.*distill.method=deit"):
         DenseTeacher(model, check_size=size, in_chans=3)
     assert DenseTeacher(model, check_size=size, in_chans=3, global_only=True).global_only
+
+
+def test_the_grid_probe_runs_a_group_norm_teacher_whose_map_is_one_cell():
+    """Found by a user's check: BiT (GroupNorm) at 32 px has a 1 x 1 map, and GroupNorm refuses
+    one value per group, so the one-image grid probe raised a traceback."""
+    import timm
+
+    from cskd.method.adapters import DenseTeacher
+
+    model = timm.create_model("resnetv2_50x1_bit", num_classes=4, channels=[128, 128, 128, 128])
+    teacher = DenseTeacher(model, check_size=32, in_chans=3)
+    assert teacher.grid(32) == (1, 1)

@@ -192,3 +192,36 @@ def test_the_compiled_task_gives_the_same_losses_in_at_most_two_graphs(teacher_c
         task(*batch(step))
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert graphs == 2, graphs  # the student and the teacher, once each over three steps
+
+
+def test_an_encoder_or_a_teacher_of_other_classes_is_refused_in_one_line(teacher_checkpoint):
+    """Found by a user's check: a head-less encoder under deit/none, and a teacher module of
+    another class count, reached the first step's cross-entropy as tracebacks."""
+    encoder = timm.create_model("resnet18", num_classes=0, **TINY_TEACHER)
+    for method in ("none", "deit"):
+        with pytest.raises(ConfigError, match=r"cannot be a student: it has no classifier head"):
+            CSKDTask(
+                encoder,
+                timm.create_model("resnet18", num_classes=4, **TINY_TEACHER),
+                weights=ObjectiveWeights(method=method),
+                epochs=1,
+                steps_per_epoch=1,
+                image_size=32,
+            )
+    ten = timm.create_model("resnet18", num_classes=10, **TINY_TEACHER)
+    with pytest.raises(ConfigError, match=r"gives 10 classes and the student 4"):
+        CSKDTask(student_model(), ten, epochs=1, steps_per_epoch=1)
+
+
+def test_probing_a_map_students_grid_moves_no_batch_norm_statistics():
+    """The grid probe (pre-flight, task construction) runs the student in eval mode: a training
+    student's batch-norm running statistics are those of the training batches only."""
+    cnn = timm.create_model("resnet18", num_classes=4, **TINY_TEACHER).train()
+    before = {k: v.clone() for k, v in cnn.state_dict().items() if "running" in k}
+    student = MapStudent(cnn)
+    assert student.grid(32) == (4, 4) and student.model.training
+    from cskd.method.adapters import map_student_problem
+
+    assert map_student_problem(cnn, 32, in_chans=3) is None and cnn.training
+    after = {k: v for k, v in cnn.state_dict().items() if "running" in k}
+    assert all(torch.equal(before[k], after[k]) for k in before)

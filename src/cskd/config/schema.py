@@ -83,7 +83,11 @@ class StudentConfig:
 
 @dataclass
 class TeacherConfig:
-    name: str = setting("regnety_160", help="a timm CNN with a global-average-pool + linear head")
+    name: str = setting(
+        "regnety_160",
+        help="a timm classifier; under cskd one whose head is affine after global average pooling "
+        "(a CNN, ResNetV2, DLA, Swin: linear or 1x1-conv heads)",
+    )
     checkpoint: str = setting("", help='local .safetensors / state dict / {"model": ...}')
     pretrained_tag: str = setting("", help="or a timm tag (e.g. deit_in1k) fetched from timm's hub")
     kwargs: dict = setting(factory=dict, help="passed to timm.create_model (e.g. output_stride)")

@@ -170,7 +170,8 @@ class DenseTeacher(nn.Module):
         grids = self.__dict__.setdefault("_grids", {})
         if image_size not in grids:
             parameter = next(self.model.parameters())
-            blank = torch.zeros(1, self.in_chans, image_size, image_size, device=parameter.device)
+            # two images: a norm over the batch fails on one image whose map is 1 x 1
+            blank = torch.zeros(2, self.in_chans, image_size, image_size, device=parameter.device)
             grids[image_size] = tuple(self(blank).dense_logits.shape[-2:])
         return grids[image_size]
 
@@ -233,25 +234,22 @@ class DenseTeacher(nn.Module):
                 f"{size} px images ({type(error).__name__}: {reason}): check teacher.kwargs "
                 "and data.image_size, or use distill.method=deit"
             ) from None
-        if not isinstance(features, torch.Tensor):
-            raise TeacherError(
-                f"teacher {self.name}: its final features are a {type(features).__name__} (several "
-                "streams), not an (N, C, H, W) map, so it has no dense logits: CSKD needs a CNN "
-                "teacher (ResNet, RegNet, EfficientNet); with this teacher use distill.method=deit"
-            )
-        if features.ndim != 4:
-            raise TeacherError(
-                f"teacher {self.name}: its final features are {tuple(features.shape)}, not an "
-                "(N, C, H, W) map (a ViT gives tokens), so it has no dense logits: CSKD needs a "
-                "CNN teacher (ResNet, RegNet, EfficientNet); with this teacher use "
-                "distill.method=deit"
-            )
-        head = _head_name(self.model)
         way_out = (
             "use distill.method=deit with this teacher, or a teacher whose head is global average "
             "pooling then a linear or 1x1-conv layer (ResNet, RegNet, EfficientNet, ResNetV2, "
             "DLA, Swin)"
         )
+        if not isinstance(features, torch.Tensor):
+            raise TeacherError(
+                f"teacher {self.name}: its final features are a {type(features).__name__} (several "
+                f"streams), not an (N, C, H, W) map, so it has no dense logits: {way_out}"
+            )
+        if features.ndim != 4:
+            raise TeacherError(
+                f"teacher {self.name}: its final features are {tuple(features.shape)}, not an "
+                f"(N, C, H, W) map (a ViT gives tokens), so it has no dense logits: {way_out}"
+            )
+        head = _head_name(self.model)
         try:
             output = self(images)
         except Exception as error:  # noqa: BLE001 - any head that cannot take a 1 x 1 map
@@ -440,8 +438,13 @@ class MapStudent(TimmModelWrapper):
         if image_size not in grids:
             parameter = next(self.model.parameters())
             channels = _model_channels(self.model)
-            blank = torch.zeros(1, channels, image_size, image_size, device=parameter.device)
-            grids[image_size] = self._locations(self.model.forward_features(blank))[1]
+            blank = torch.zeros(2, channels, image_size, image_size, device=parameter.device)
+            was_training = self.model.training  # eval: no batch-norm statistics move
+            self.model.eval()
+            try:
+                grids[image_size] = self._locations(self.model.forward_features(blank))[1]
+            finally:
+                self.model.train(was_training)
         return grids[image_size]
 
     def _locations(self, features: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -495,7 +498,9 @@ def map_student_problem(
         return "it has no forward_features / forward_head / num_features (timm's classifier API)"
     parameter = next(model.parameters())
     channels = in_chans or _model_channels(model)
-    blank = torch.zeros(1, channels, image_size, image_size, device=parameter.device)
+    blank = torch.zeros(2, channels, image_size, image_size, device=parameter.device)
+    was_training = model.training  # eval: no batch-norm statistics move
+    model.eval()
     try:
         with torch.no_grad():
             features = model.forward_features(blank)
@@ -503,6 +508,8 @@ def map_student_problem(
         if parameter.device.type == "meta":
             return None  # a model that does not run on the meta device: the real build checks
         return f"its forward pass fails at {image_size} px ({str(error).splitlines()[0]})"
+    finally:
+        model.train(was_training)
     if not isinstance(features, torch.Tensor):
         return f"its final features are a {type(features).__name__} (several streams), not an H x W map"
     if features.ndim != 4:

@@ -36,6 +36,7 @@ from ..method.distiller import distill
 from ..method.losses import ObjectiveWeights
 from ..method.schedules import PROGRESS_UNITS, training_progress
 from .models import load_teacher
+from .preflight import no_classifier
 
 
 class CSKDTask(TrainingTask):
@@ -131,6 +132,9 @@ class CSKDTask(TrainingTask):
         student = model if isinstance(model, adapters) else wrap_student(model, method=method)
         inner = student.model
         problem = None
+        if no_classifier(inner):
+            problem = "it has no classifier head (timm num_classes=0: an encoder)"
+            raise ConfigError(f"{type(inner).__name__} cannot be a student: {problem}")
         if method == "cskd" and isinstance(student, PlainClassifier):
             problem = patch_logits_problem(inner) if is_vit(inner) else "it gives no dense logits"
         elif method == "cskd" and isinstance(student, MapStudent):
@@ -146,6 +150,14 @@ class CSKDTask(TrainingTask):
         if self.weights.method == "none":
             return None
         global_only = self.weights.method == "deit"
+        inner = teacher.model if isinstance(teacher, DenseTeacher) else teacher
+        if isinstance(inner, nn.Module):
+            classes = getattr(inner, "num_classes", None)
+            if classes is not None and classes != num_classes:
+                raise ConfigError(
+                    f"the teacher {type(inner).__name__} gives {classes} classes and the student "
+                    f"{num_classes}: a teacher must be trained on the student's classes"
+                )
         if isinstance(teacher, DenseTeacher):
             return teacher
         if isinstance(teacher, str):
