@@ -236,8 +236,8 @@ class DenseTeacher(nn.Module):
             ) from None
         way_out = (
             "use distill.method=deit with this teacher, or a teacher whose head is global average "
-            "pooling then a linear or 1x1-conv layer (ResNet, RegNet, EfficientNet, ResNetV2, "
-            "DLA, Swin)"
+            "pooling then a linear or 1x1-conv layer (a CNN teacher: ResNet, RegNet, EfficientNet, "
+            "ResNetV2, DLA; or Swin)"
         )
         if not isinstance(features, torch.Tensor):
             raise TeacherError(
