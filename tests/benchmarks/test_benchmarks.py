@@ -237,6 +237,21 @@ def test_local_teacher_regime_checks_the_teacher_map_before_training_only_its_me
     assert "(quick mode: enforced only with --enforce-locality)" in page
 
 
+def test_the_second_local_teacher_changes_only_the_teacher():
+    """``local-teacher-27`` is ``local-teacher`` with ``bagnet27`` in both the teacher's run and
+    the students' ``teacher.name``: the same data, students, methods, check and limits."""
+    script = load_script("regimes")
+    first, second = script.REGIMES["local-teacher"], script.REGIMES["local-teacher-27"]
+    for quick in (False, True):
+        for overrides in ("teacher_overrides", "student_overrides"):
+            before = getattr(first, overrides)(quick=quick)
+            after = getattr(second, overrides)(quick=quick)
+            assert [o.replace("bagnet19", "bagnet27") for o in before] == after
+            assert any("bagnet27" in override for override in after)
+    assert second.methods == first.methods and second.locality_check
+    assert second.stem == "regime_local_teacher_27"
+
+
 def test_locality_check_passes_a_local_map_and_refuses_the_translated_resnet():
     script = load_script("regimes")
     local = {"object_names_label": 65.0, "background_names_label": 25.0}

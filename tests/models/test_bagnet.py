@@ -1,12 +1,13 @@
-"""``bagnet19``: each cell of its map sees a bounded 19 x 19 px window (measured from the
-gradient, against a ResNet-18 whose cells see the whole canvas), it is a CSKD teacher, and the
-library builds it by name."""
+"""``bagnet19`` and ``bagnet27``: each cell of the map sees a bounded 19 x 19 (27 x 27) px
+window (measured from the gradient, against a ResNet-18 whose cells see the whole canvas), it is a
+CSKD teacher, and the library builds it by name."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
+import pytest
 import timm
 import torch
 
@@ -18,23 +19,24 @@ from cskd.training.locality import receptive_field
 WIDTHS = [8, 16, 32, 64]
 
 
-def _bagnet(**kwargs) -> torch.nn.Module:
+def _bagnet(name: str = "bagnet19", **kwargs) -> torch.nn.Module:
     torch.manual_seed(0)
     # zero_init_last=False: at initialisation timm zeroes each residual branch's last BatchNorm,
     # and only the shortcuts (1x1) would reach a cell
     return timm.create_model(
-        "bagnet19", num_classes=10, in_chans=1, channels=WIDTHS, zero_init_last=False, **kwargs
+        name, num_classes=10, in_chans=1, channels=WIDTHS, zero_init_last=False, **kwargs
     )
 
 
-def test_each_cell_sees_a_19_px_window_of_a_64_px_canvas():
+@pytest.mark.parametrize(("name", "size", "offset"), [("bagnet19", 19, -9), ("bagnet27", 27, -13)])
+def test_each_cell_sees_a_bounded_window_of_a_64_px_canvas(name, size, offset):
     images = torch.randn(8, 1, 64, 64)
-    assert _bagnet().forward_features(images).shape == (8, WIDTHS[-1], 8, 8)
-    field = receptive_field(_bagnet(), images)
-    # the arithmetic of the module docstring, measured: about a quarter of the canvas side
-    assert field.size == RECEPTIVE_FIELD == 19 and field.stride == 8
-    # the window of the central cell (4, 4), whose pixels are 32..39, starts at 32 - 9 = 23
-    assert field.offset == -9
+    assert _bagnet(name).forward_features(images).shape == (8, WIDTHS[-1], 8, 8)
+    field = receptive_field(_bagnet(name), images)
+    # the arithmetic of the module docstring, measured: 30% (bagnet19) or 42% of the canvas side
+    assert field.size == RECEPTIVE_FIELD[name] == size and field.stride == 8
+    # the window of the central cell (4, 4), whose pixels are 32..39, starts at 32 + offset
+    assert field.offset == offset
     # the same measurement finds the whole canvas for the translated regime's ResNet-18
     torch.manual_seed(0)
     resnet = timm.create_model(

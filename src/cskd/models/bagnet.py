@@ -1,4 +1,5 @@
-"""``bagnet19``: a CNN teacher whose dense map is local, for the test CSKD's argument needs.
+"""``bagnet19``, ``bagnet27``: CNN teachers whose dense map is local, for the test CSKD's
+argument needs.
 
 CSKD's dense target is only new information when the teacher's cells answer for what they see.
 A ResNet-18 at output stride 8 sees the whole 64 px canvas from every cell, so its background
@@ -21,7 +22,9 @@ the receptive field, each by (k - 1) x (the stride before it):
 
 Output stride 8: a 64 px image gives an 8 x 8 map of 8 px cells, each computed from a 19 x 19 px
 window (30% of the canvas side; tests/models/test_bagnet.py measures it from the gradient of one
-cell). The head is timm's: global average pooling and a linear layer, so the mean of the dense
+cell). ``bagnet27`` differs in one place: the middle convolution of stage 3's first block is
+5 x 5, which adds 4 x 4 = 16 px instead of 8: 27 x 27 px windows, about the side of a 28 px
+garment. The head is timm's: global average pooling and a linear layer, so the mean of the dense
 logits is the model's output (what :class:`cskd.method.adapters.DenseTeacher` checks).
 """
 
@@ -32,24 +35,26 @@ from collections.abc import Sequence
 from timm.models import build_model_with_cfg, register_model
 from timm.models.byobnet import ByoBlockCfg, ByobNet, ByoModelCfg
 
-__all__ = ["bagnet19", "bagnet_config"]
+__all__ = ["bagnet19", "bagnet27", "bagnet_config"]
 
-RECEPTIVE_FIELD = 19  # px, from the table above; measured in tests/models/test_bagnet.py
+# px per model, from the table above; measured in tests/models/test_bagnet.py
+RECEPTIVE_FIELD = {"bagnet19": 19, "bagnet27": 27}
+KERNEL_SIZES = {"bagnet19": (3, 3, 3, 1), "bagnet27": (3, 3, 5, 1)}  # stages' first blocks
 
-default_cfgs = {  # read by timm's register_model: the model's pretrained_cfg (no weights)
-    "bagnet19": {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 64, 64),
-        "pool_size": (8, 8),
-        "crop_pct": 1.0,
-        "interpolation": "bilinear",
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225),
-        "first_conv": "stem.conv",
-        "classifier": "head.fc",
-    }
+_default_cfg = {
+    "url": "",
+    "num_classes": 1000,
+    "input_size": (3, 64, 64),
+    "pool_size": (8, 8),
+    "crop_pct": 1.0,
+    "interpolation": "bilinear",
+    "mean": (0.485, 0.456, 0.406),
+    "std": (0.229, 0.224, 0.225),
+    "first_conv": "stem.conv",
+    "classifier": "head.fc",
 }
+# read by timm's register_model: each model's pretrained_cfg (no weights)
+default_cfgs = {name: dict(_default_cfg) for name in RECEPTIVE_FIELD}
 
 
 def bagnet_config(
@@ -87,6 +92,17 @@ def bagnet_config(
     )
 
 
+def _bagnet(name: str, pretrained: bool, channels: Sequence[int], **kwargs) -> ByobNet:
+    return build_model_with_cfg(
+        ByobNet,
+        name,
+        pretrained,
+        model_cfg=bagnet_config(tuple(channels), kernel_sizes=KERNEL_SIZES[name]),
+        feature_cfg={"flatten_sequential": True},
+        **kwargs,
+    )
+
+
 @register_model
 def bagnet19(pretrained: bool = False, channels: Sequence[int] = (64, 128, 256, 512), **kwargs):
     """BagNet with a 19 x 19 px receptive field per map cell at output stride 8 (see the module
@@ -94,11 +110,11 @@ def bagnet19(pretrained: bool = False, channels: Sequence[int] = (64, 128, 256, 
     ``[16, 32, 64, 128]``, as their ResNet-18); the other keyword arguments are
     :class:`~timm.models.byobnet.ByobNet`'s (``in_chans``, ``num_classes``, ``output_stride``:
     8 and above keep the native stride 8, ``drop_path_rate``, ``zero_init_last``...)."""
-    return build_model_with_cfg(
-        ByobNet,
-        "bagnet19",
-        pretrained,
-        model_cfg=bagnet_config(tuple(channels)),
-        feature_cfg={"flatten_sequential": True},
-        **kwargs,
-    )
+    return _bagnet("bagnet19", pretrained, channels, **kwargs)
+
+
+@register_model
+def bagnet27(pretrained: bool = False, channels: Sequence[int] = (64, 128, 256, 512), **kwargs):
+    """:func:`bagnet19` with a 5 x 5 middle convolution in stage 3's first block: each map cell
+    computed from a 27 x 27 px window (the module docstring). Arguments as :func:`bagnet19`."""
+    return _bagnet("bagnet27", pretrained, channels, **kwargs)
