@@ -33,7 +33,6 @@ import timm
 import torch
 
 from cskd.errors import USER_ERRORS
-from cskd.training.preflight import no_classifier
 from cskd.method.adapters import (
     DenseStudent,
     DenseTeacher,
@@ -43,6 +42,7 @@ from cskd.method.adapters import (
     patch_logits_problem,
     wrap_student,
 )
+from cskd.training.preflight import no_classifier
 
 SMALL = ("atto", "femto", "pico", "nano", "tiny", "xxs", "xs", "mini", "small", "_s", "b0", "t")
 CANDIDATES = 8  # models per family whose size is compared
@@ -194,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(rows[-1]), flush=True)
     out = Path(args.results_dir)
     out.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/families.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/families.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
     record = {"command": command.strip(), "updates": [], "rows": rows}
     if args.update and (out / "families.json").exists():
         record = json.loads((out / "families.json").read_text())

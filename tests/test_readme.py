@@ -115,7 +115,9 @@ def test_the_readme_own_loop_example_trains_with_the_demo_teacher(demo, tmp_path
     names: dict = {}
     exec(compile(code, "README.md", "exec"), names)  # noqa: S102 - the README's own example
     task = names["task"]
-    assert int(task.calls) == 6 and float(task.progress) == 1.0  # 2 epochs x 3 steps: the schedule's end
+    assert (
+        int(task.calls) == 6 and float(task.progress) == 1.0
+    )  # 2 epochs x 3 steps: the schedule's end
     assert set(names["result"]) == {"loss", "output", "base", "token", "cskd", "local_weight"}
     assert names["result"]["local_weight"].item() == 0.5  # the last epoch: t = epoch / epochs
     assert names["model"](torch.randn(8, 1, 32, 32)).shape == (8, 10)

@@ -135,4 +135,6 @@ def test_eval_scores_the_whole_split_whatever_cap_the_run_trained_with(
     )
     assert first.returncode == 0, first.stderr[-2000:]
     assert json.loads(first.stdout)["images"] == 4
-    assert f"on 4 of its {images} images (the first 1 batch: train.eval_max_batches=1)" in first.stderr
+    assert (
+        f"on 4 of its {images} images (the first 1 batch: train.eval_max_batches=1)" in first.stderr
+    )

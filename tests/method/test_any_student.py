@@ -66,10 +66,25 @@ from cskd.method.adapters import MapStudent, combine_heads, wrap_student  # noqa
 
 # tiny members of each family, at 64 px: the final map is 2 x 2 (stride 32) unless noted
 FAMILIES = {
-    "swin": ("swin_tiny_patch4_window7_224", {"embed_dim": 24, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 2, 2), "img_size": 64, "window_size": 2}),
+    "swin": (
+        "swin_tiny_patch4_window7_224",
+        {
+            "embed_dim": 24,
+            "depths": (1, 1, 1, 1),
+            "num_heads": (1, 1, 2, 2),
+            "img_size": 64,
+            "window_size": 2,
+        },
+    ),
     "convnext": ("convnext_atto", {"dims": (16, 32, 48, 64), "depths": (1, 1, 1, 1)}),
-    "pvt_v2": ("pvt_v2_b0", {"embed_dims": (16, 32, 48, 64), "depths": (1, 1, 1, 1), "num_heads": (1, 1, 1, 1)}),
-    "davit": ("davit_tiny", {"embed_dims": (16, 32, 48, 64), "depths": (1, 1, 1, 1), "num_heads": (1, 1, 2, 2)}),
+    "pvt_v2": (
+        "pvt_v2_b0",
+        {"embed_dims": (16, 32, 48, 64), "depths": (1, 1, 1, 1), "num_heads": (1, 1, 1, 1)},
+    ),
+    "davit": (
+        "davit_tiny",
+        {"embed_dims": (16, 32, 48, 64), "depths": (1, 1, 1, 1), "num_heads": (1, 1, 2, 2)},
+    ),
     "coatnet": ("coatnet_nano_rw_224", {"img_size": 64}),
     "resnet (stride 8: 8 x 8)": ("resnet18", {"channels": (8, 16, 32, 64), "output_stride": 8}),
 }
@@ -101,7 +116,10 @@ def test_a_hierarchical_or_convolutional_student_gives_dense_logits_on_its_final
     # its weights: the timm model's keys plus its own head, saved and loaded at any depth
     keys = set(student.state_dict())
     assert keys - set(model.state_dict()) == {
-        "norm_dist.weight", "norm_dist.bias", "head_dist.weight", "head_dist.bias"
+        "norm_dist.weight",
+        "norm_dist.bias",
+        "head_dist.weight",
+        "head_dist.bias",
     }
     nested = torch.nn.Sequential(student)
     copy = torch.nn.Sequential(MapStudent(timm.create_model(name, num_classes=5, **kwargs)))

@@ -91,7 +91,9 @@ def test_missing_empty_or_non_directory_data_root(tmp_path, tiny_run, capsys):
     assert line.startswith("cskd train needs a recipe: pass --config") and "data.root" in line
     # without a recipe, an override that breaks the ImageNet defaults does not hide it
     assert main(["train", "optim.epochs=1"]) == 2
-    assert capsys.readouterr().err.strip().startswith("cskd train: error: cskd train needs a recipe")
+    assert (
+        capsys.readouterr().err.strip().startswith("cskd train: error: cskd train needs a recipe")
+    )
 
 
 @pytest.mark.parametrize("kind", ["missing", "holds other files"])

@@ -110,7 +110,9 @@ def test_checkpoint_state_round_trip_keeps_the_weights_and_the_schedule(teacher_
     resumed = make_task(teacher_checkpoint, progress="epoch")
     resumed.setup_ema(decay=0.5)
     resumed.load_checkpoint_state(state["state_dict"], state["task_state"])
-    resumed.load_checkpoint_state(ema_state["state_dict_ema"], ema_state["task_state_ema"], ema=True)
+    resumed.load_checkpoint_state(
+        ema_state["state_dict_ema"], ema_state["task_state_ema"], ema=True
+    )
     assert int(resumed.calls) == 4 and float(resumed.progress) == float(task.progress)
     images, labels = batch(7)
     task.eval(), resumed.eval()
@@ -134,7 +136,9 @@ def test_the_student_and_the_distiller_save_and_load_alike_when_nested(teacher_c
     teacher = DenseTeacher(
         timm.create_model("resnet18", num_classes=4, **TINY_TEACHER), check_size=32
     )
-    distiller = Distiller(student, teacher, ObjectiveWeights(), student_norm=normalizer(MEAN, STD, "cpu"))
+    distiller = Distiller(
+        student, teacher, ObjectiveWeights(), student_norm=normalizer(MEAN, STD, "cpu")
+    )
     state = distiller.state_dict()
     assert state and all(key.startswith("student.") for key in state)
     result = distiller.load_state_dict(state)
@@ -144,7 +148,9 @@ def test_the_student_and_the_distiller_save_and_load_alike_when_nested(teacher_c
 def test_what_the_task_cannot_serve_is_refused_in_one_line(teacher_checkpoint):
     common = {"teacher_checkpoint": teacher_checkpoint, "teacher_kwargs": TINY_TEACHER}
     common.update(epochs=1, steps_per_epoch=1, image_size=32)
-    xcit = timm.create_model("xcit_nano_12_p16_224", img_size=32, embed_dim=32, depth=1, num_heads=2)
+    xcit = timm.create_model(
+        "xcit_nano_12_p16_224", img_size=32, embed_dim=32, depth=1, num_heads=2
+    )
     with pytest.raises(ConfigError, match=r"Xcit cannot be a CSKD student: .*no fixed patch grid"):
         CSKDTask(xcit, "resnet18", **common)
     pit = timm.create_model("pit_ti_224", img_size=32, num_classes=4)

@@ -80,7 +80,11 @@ def diagnose_run(
     out.mkdir(exist_ok=True)
     (out / "diagnostics.json").write_text(json.dumps(result, indent=2))
     written = [out / "diagnostics.json"]
-    if teacher is not None and not teacher.global_only and isinstance(student, DenseStudent | MapStudent):
+    if (
+        teacher is not None
+        and not teacher.global_only
+        and isinstance(student, DenseStudent | MapStudent)
+    ):
         count = min(pictures, probe.targets.shape[0])
         diagnostics.draw_maps(
             out / "maps.png",

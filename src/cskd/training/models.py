@@ -302,7 +302,9 @@ def load_student(
     if image_size and "pos_embed" in state:
         kwargs["img_size"] = image_size
     model = timm.create_model(export["timm_name"], pretrained=False, **kwargs)
-    student = wrap_student(model, inference_rule=export["inference_rule"], method=export.get("method", "deit"))
+    student = wrap_student(
+        model, inference_rule=export["inference_rule"], method=export.get("method", "deit")
+    )
     own = {}  # a MapStudent's distillation head: not the timm model's
     if isinstance(student, MapStudent):
         own = {k: state.pop(k) for k in list(state) if k.startswith(MapStudent.OWN_KEYS)}

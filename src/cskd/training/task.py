@@ -146,7 +146,9 @@ class CSKDTask(TrainingTask):
             )
         return student
 
-    def _teacher(self, teacher, *, checkpoint, num_classes, in_chans, image_size, mean, std, kwargs):
+    def _teacher(
+        self, teacher, *, checkpoint, num_classes, in_chans, image_size, mean, std, kwargs
+    ):
         if self.weights.method == "none":
             return None
         global_only = self.weights.method == "deit"
