@@ -174,6 +174,16 @@ def test_student_grid_smaller_than_the_teacher_grid(tmp_path, tiny_run, capsys):
     assert line.startswith("student grid 2x2 is smaller than the teacher grid 4x4")
 
 
+def test_cnn_student_map_smaller_than_the_teacher_grid_is_not_told_about_patches(
+    tmp_path, tiny_run, capsys
+):
+    # a ResNet student at its native stride 32: a 1 x 1 map at 32 px, the teacher's is 4 x 4
+    overrides = {"student.name": "resnet18", "student.kwargs": "{channels: [8, 16, 32, 64]}"}
+    line = refused(tiny_run(**overrides), capsys, tmp_path / "run")
+    assert line.startswith("student map 1x1 (resnet18's final feature map at 32 px) is smaller")
+    assert "student.kwargs.output_stride" in line and "patch" not in line
+
+
 def test_student_built_for_another_image_size(tmp_path, tiny_run, capsys):
     default_size = str({k: v for k, v in TINY_STUDENT.items() if k != "img_size"})
     line = refused(

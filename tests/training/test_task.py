@@ -9,7 +9,7 @@ from conftest import TINY_STUDENT, TINY_TEACHER
 from timm.data import Mixup
 
 from cskd import CSKDTask, Distiller, ObjectiveWeights
-from cskd.errors import ConfigError
+from cskd.errors import ConfigError, GridError
 from cskd.method.adapters import DenseStudent, DenseTeacher, MapStudent, PlainClassifier
 from cskd.method.distiller import normalizer
 
@@ -217,6 +217,27 @@ def test_an_encoder_or_a_teacher_of_other_classes_is_refused_in_one_line(teacher
     ten = timm.create_model("resnet18", num_classes=10, **TINY_TEACHER)
     with pytest.raises(ConfigError, match=r"gives 10 classes and the student 4"):
         CSKDTask(student_model(), ten, epochs=1, steps_per_epoch=1)
+
+
+def test_a_headless_teacher_or_a_too_coarse_student_map_is_named_at_construction():
+    """A teacher built with num_classes=0 is named an encoder (not "0 classes"); a map student
+    coarser than the teacher's map is refused when the task is built, not at the first step."""
+    headless = timm.create_model("resnet18", num_classes=0, **TINY_TEACHER)
+    with pytest.raises(ConfigError, match=r"the teacher ResNet has no classifier head .*encoder"):
+        CSKDTask(student_model(), headless, epochs=1, steps_per_epoch=1)
+    coarse = timm.create_model("resnet18", num_classes=4, channels=[8, 16, 32, 64])  # stride 32
+    teacher = timm.create_model("resnet18", num_classes=4, **TINY_TEACHER)  # a 4 x 4 map
+    with pytest.raises(GridError, match=r"student map 1x1 \(ResNet's final feature map at 32 px"):
+        CSKDTask(coarse, teacher, epochs=1, steps_per_epoch=1, image_size=32)
+    patches = timm.create_model(
+        "deit_tiny_distilled_patch16_224", num_classes=4, **{**TINY_STUDENT, "patch_size": 16}
+    )
+    with pytest.raises(GridError, match=r"student grid 2x2 is smaller than the teacher grid 4x4"):
+        CSKDTask(patches, teacher, epochs=1, steps_per_epoch=1)
+    # under deit only the global answers meet: both coarse students are served
+    deit = ObjectiveWeights(method="deit")
+    for student in (coarse, patches):
+        CSKDTask(student, teacher, weights=deit, epochs=1, steps_per_epoch=1, image_size=32)
 
 
 def test_probing_a_map_students_grid_moves_no_batch_norm_statistics():

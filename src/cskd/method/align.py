@@ -22,14 +22,26 @@ import torch.nn.functional as F
 from ..errors import GridError
 
 
-def check_grids(student_grid: tuple[int, int], teacher_grid: tuple[int, int]) -> None:
-    """Raise :class:`GridError` when ``student_grid`` cannot be pooled onto ``teacher_grid``."""
+def check_grids(
+    student_grid: tuple[int, int], teacher_grid: tuple[int, int], *, student_map: str = ""
+) -> None:
+    """Raise :class:`GridError` when ``student_grid`` cannot be pooled onto ``teacher_grid``.
+    ``student_map``: for a student whose dense logits come from its final feature map (a
+    hierarchical or convolutional model), what that map is (e.g. ``"resnet18's final feature
+    map at 32 px"``); the message then names its output stride, not patches."""
     (h, w), (th, tw) = student_grid, teacher_grid
-    if h < th or w < tw:
+    if h >= th and w >= tw:
+        return
+    if student_map:
         raise GridError(
-            f"student grid {h}x{w} is smaller than the teacher grid {th}x{tw}: raise the student's "
-            "image size or lower its patch size so that it has at least as many patches per side"
+            f"student map {h}x{w} ({student_map}) is smaller than the teacher grid {th}x{tw}: "
+            "raise the image size, give the student a finer map (student.kwargs.output_stride, "
+            "where the model takes it) or the teacher a coarser one"
         )
+    raise GridError(
+        f"student grid {h}x{w} is smaller than the teacher grid {th}x{tw}: raise the student's "
+        "image size or lower its patch size so that it has at least as many patches per side"
+    )
 
 
 def _area_weights(source: int, target: int, *, dtype: torch.dtype) -> torch.Tensor:

@@ -125,6 +125,23 @@ def check_models(config: Config) -> None:
         )
 
 
+def check_student_grid(
+    student: DenseStudent | MapStudent, teacher: DenseTeacher, image_size: int, name: str
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The student's and the teacher's grids (rows, columns) at ``image_size`` px; raises
+    :class:`~cskd.errors.GridError` (naming ``name``, the student's model) when the student's
+    patch grid or final map is coarser than the teacher's map (CSKD pools the student's onto
+    the teacher's, never the reverse)."""
+    teacher_grid = teacher.grid(image_size)
+    if isinstance(student, DenseStudent):
+        grid, student_map = student.grid_size, ""
+    else:
+        grid = student.grid(image_size)
+        student_map = f"{name}'s final feature map at {image_size} px"
+    check_grids(grid, teacher_grid, student_map=student_map)
+    return grid, teacher_grid
+
+
 def no_classifier(model: torch.nn.Module) -> bool:
     """True for a timm model built with a num_classes it ignores: an encoder without a head."""
     return getattr(model, "num_classes", None) == 0
@@ -370,9 +387,7 @@ def check_run(
     if teacher is not None:
         if config.distill.method == "cskd" and isinstance(student, DenseStudent | MapStudent):
             size = config.data.image_size
-            teacher_grid = teacher.grid(size)
-            grid = student.grid_size if isinstance(student, DenseStudent) else student.grid(size)
-            check_grids(grid, teacher_grid)
+            grid, teacher_grid = check_student_grid(student, teacher, size, config.student.name)
             log.info(
                 f"pre-flight: student grid {grid[0]} x {grid[1]} "
                 f"pooled to the teacher grid {teacher_grid[0]} x {teacher_grid[1]}"

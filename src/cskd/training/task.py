@@ -36,7 +36,7 @@ from ..method.distiller import distill
 from ..method.losses import ObjectiveWeights
 from ..method.schedules import PROGRESS_UNITS, training_progress
 from .models import load_teacher
-from .preflight import no_classifier
+from .preflight import check_student_grid, no_classifier
 
 
 class CSKDTask(TrainingTask):
@@ -66,8 +66,10 @@ class CSKDTask(TrainingTask):
     ``epochs`` and ``steps_per_epoch``: the schedule's length in optimiser steps.
 
     Raises :class:`~cskd.errors.ConfigError` for a student that cannot give patch logits under
-    ``cskd`` (naming why) and for an unknown ``progress``; :class:`~cskd.errors.TeacherError`
-    for a teacher whose head is not affine after global pooling under ``cskd``.
+    ``cskd`` (naming why), a model without a classifier head (an encoder), a teacher of other
+    classes and an unknown ``progress``; :class:`~cskd.errors.TeacherError` for a teacher whose
+    head is not affine after global pooling under ``cskd``; :class:`~cskd.errors.GridError`
+    under ``cskd`` for a student grid coarser than the teacher's map.
     """
 
     def __init__(
@@ -122,6 +124,8 @@ class CSKDTask(TrainingTask):
             std=teacher_std,
             kwargs=teacher_kwargs or {},
         )
+        if self.weights.method == "cskd" and isinstance(student, DenseStudent | MapStudent):
+            check_student_grid(student, self.teacher, image_size, type(model).__name__)
         self.to(self.device)
 
     def _student(
@@ -154,6 +158,12 @@ class CSKDTask(TrainingTask):
         global_only = self.weights.method == "deit"
         inner = teacher.model if isinstance(teacher, DenseTeacher) else teacher
         if isinstance(inner, nn.Module):
+            if no_classifier(inner):
+                raise ConfigError(
+                    f"the teacher {type(inner).__name__} has no classifier head (timm "
+                    f"num_classes=0: an encoder): build it with num_classes={num_classes}, the "
+                    "student's classes, and give it weights trained on them"
+                )
             classes = getattr(inner, "num_classes", None)
             if classes is not None and classes != num_classes:
                 raise ConfigError(
