@@ -303,7 +303,28 @@ class TimmModelWrapper(nn.Module):
         state_dict_of_child(self, "model")
 
 
-class DenseStudent(TimmModelWrapper):
+class DistilledStudent(TimmModelWrapper):
+    """A student with distillation heads: ``forward(images, output_grid=...)`` gives a
+    :class:`StudentOutput` with class, distillation and dense logits, and :meth:`predict`
+    combines them under ``inference_rule`` (:func:`combine_heads`; ValueError for an unknown
+    rule). The bases of :class:`DenseStudent` and :class:`MapStudent`."""
+
+    def __init__(self, model: nn.Module, *, inference_rule: str) -> None:
+        if inference_rule not in INFERENCE_RULES:
+            raise ValueError(
+                f"unknown inference rule {inference_rule!r}: choose one of {INFERENCE_RULES}"
+            )
+        super().__init__(model)
+        self.inference_rule = inference_rule
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Inference logits (N, K) under ``inference_rule``, without gradients; the dense head
+        sees the mean location (a 1 x 1 output grid)."""
+        return combine_heads(self(images, output_grid=(1, 1)), self.inference_rule)
+
+
+class DenseStudent(DistilledStudent):
     """A timm ViT that returns :class:`StudentOutput` in train and eval mode alike.
 
     Its ``state_dict`` is the wrapped timm model's, so it loads into ``timm.create_model(name)``.
@@ -311,10 +332,6 @@ class DenseStudent(TimmModelWrapper):
     """
 
     def __init__(self, model: nn.Module, *, inference_rule: str = "cls+dist+patch") -> None:
-        if inference_rule not in INFERENCE_RULES:
-            raise ValueError(
-                f"unknown inference rule {inference_rule!r}: choose one of {INFERENCE_RULES}"
-            )
         if not is_vit(model):
             raise TypeError(
                 f"{type(model).__name__} is not a timm Vision Transformer "
@@ -323,8 +340,7 @@ class DenseStudent(TimmModelWrapper):
         problem = patch_logits_problem(model)
         if problem is not None:
             raise TypeError(f"{type(model).__name__} cannot give patch logits: {problem}")
-        super().__init__(model)
-        self.inference_rule = inference_rule
+        super().__init__(model, inference_rule=inference_rule)
         self.distilled = getattr(model, "dist_token", None) is not None
 
     @property
@@ -375,11 +391,6 @@ class DenseStudent(TimmModelWrapper):
         patch_logits = self.patch_head(model.head_drop(patches))  # (N, M or H*W, K)
         return StudentOutput(cls_logits, dist_logits, patch_logits, grid)
 
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        """Inference logits (N, K) under ``inference_rule``; the patch head sees the mean token."""
-        return combine_heads(self(images, output_grid=(1, 1)), self.inference_rule)
-
 
 def combine_heads(output: StudentOutput, rule: str = "cls+dist+patch") -> torch.Tensor:
     """Inference logits (N, K) under a named rule.
@@ -399,7 +410,7 @@ def combine_heads(output: StudentOutput, rule: str = "cls+dist+patch") -> torch.
     return torch.stack(heads).mean(dim=0)
 
 
-class MapStudent(TimmModelWrapper):
+class MapStudent(DistilledStudent):
     """A hierarchical or convolutional timm classifier (Swin, PVTv2, MaxViT, CoAtNet, DaViT,
     ConvNeXt, a ResNet: any model whose ``forward_features`` ends in an H x W map) as a CSKD
     student, returning :class:`StudentOutput` as :class:`DenseStudent` does.
@@ -419,12 +430,7 @@ class MapStudent(TimmModelWrapper):
     OWN_KEYS = ("norm_dist.", "head_dist.")  # its state-dict keys that are not the timm model's
 
     def __init__(self, model: nn.Module, *, inference_rule: str = "cls+dist+patch") -> None:
-        if inference_rule not in INFERENCE_RULES:
-            raise ValueError(
-                f"unknown inference rule {inference_rule!r}: choose one of {INFERENCE_RULES}"
-            )
-        super().__init__(model)
-        self.inference_rule = inference_rule
+        super().__init__(model, inference_rule=inference_rule)
         self.distilled = True
         self.feature_format = _feature_format(model)
         channels = model.num_features
@@ -480,11 +486,6 @@ class MapStudent(TimmModelWrapper):
             locations = align_to_grid(locations, grid, output_grid)  # (N, H'*W', C_f)
             grid = tuple(output_grid)
         return StudentOutput(cls_logits, dist_logits, self.head_dist(locations), grid)
-
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        """Inference logits (N, K) under ``inference_rule``."""
-        return combine_heads(self(images, output_grid=(1, 1)), self.inference_rule)
 
 
 def map_student_problem(
