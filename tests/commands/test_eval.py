@@ -130,6 +130,10 @@ def test_eval_scores_the_whole_split_whatever_cap_the_run_trained_with(
     assert whole.returncode == 0, whole.stderr[-2000:]
     images = json.loads(whole.stdout)["images"]
     assert images > 4 and f"on {images} images" in whole.stderr
+    # the run's own epoch line said its score was of a part of the split
+    lines = (run / "train.log").read_text().splitlines()
+    line = next(line for line in lines if "epoch 1/1 loss" in line and "top-1" in line)
+    assert line.endswith(f"(on the first 4 of {images} images: train.eval_max_batches=1)"), line
     first = subprocess.run(
         [*command, "train.eval_max_batches=1"], capture_output=True, text=True, cwd=ROOT
     )

@@ -101,13 +101,28 @@ def rule_top1(metrics: dict, rule: str) -> float:
     return metrics[rule]["top1"] if rule in metrics else metrics["cls"]["top1"]
 
 
-def epoch_line(epoch: int, epochs: int, train_means: dict, metrics: dict) -> str:
-    """The epoch's log line; ``metrics`` is empty for an epoch that was not evaluated."""
+def epoch_line(
+    epoch: int,
+    epochs: int,
+    train_means: dict,
+    metrics: dict,
+    *,
+    split_images: int = 0,
+    cap: int = 0,
+) -> str:
+    """The epoch's log line; ``metrics`` is empty for an epoch that was not evaluated. When the
+    evaluation saw fewer than ``split_images`` (the validation split's size) because of
+    ``cap`` (``train.eval_max_batches``), the line says so: its scores are of a part."""
     rules = [key for key in metrics if key not in ("images", "ema")]
     shown = " ".join(f"{rule} {metrics[rule]['top1']:.2f}" for rule in rules)
     if "ema" in metrics:
         shown += " | ema " + " ".join(
             f"{rule} {metrics['ema'][rule]['top1']:.2f}" for rule in rules
+        )
+    if metrics and cap and metrics["images"] < split_images:
+        shown += (
+            f" (on the first {metrics['images']} of {split_images} images: "
+            f"train.eval_max_batches={cap})"
         )
     return (
         f"epoch {epoch + 1}/{epochs} loss {train_means.get('loss', float('nan')):.4f} "

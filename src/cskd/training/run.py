@@ -307,6 +307,12 @@ class EpochLoop:
     run_dir: Path
     show_progress: bool = False
 
+    @property
+    def eval_extent(self) -> dict:
+        """The validation split's size and ``train.eval_max_batches``, for the epoch line."""
+        dataset = getattr(self.evaluation.val_loader, "dataset", ())
+        return {"split_images": len(dataset), "cap": self.config.train.eval_max_batches}
+
     def should_stop(self) -> bool:
         """A stop request (SIGTERM, Ctrl-C) or ``train.stop_after_steps``, agreed by all ranks so
         that they stop at the same step."""
@@ -340,7 +346,8 @@ class EpochLoop:
                 final, test = record["eval"], record.get("test")
                 update_best(state.best, final, epoch=state.epoch)
             self.writer.write(record)
-            log.info(epoch_line(state.epoch, epochs, train_means, final if evaluated else {}))
+            shown = final if evaluated else {}
+            log.info(epoch_line(state.epoch, epochs, train_means, shown, **self.eval_extent))
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
             if evaluated and rule_top1(final, config.train.best_rule) > state.best_metric:
                 state.best_metric = rule_top1(final, config.train.best_rule)
