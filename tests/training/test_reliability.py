@@ -359,6 +359,10 @@ def test_a_second_run_on_a_live_run_directory_is_refused_and_a_dead_one_is_taken
     resumed = run(killed_dir, teacher_checkpoint, **{"train.resume": "auto"})
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"taking over the lock of a dead run: process {process.pid} on " in resumed.stderr
+    # and the run's own log keeps it, before the resumed run's lines
+    log = (killed_dir / "train.log").read_text()
+    taken = log.index(f"taking over the lock of a dead run: process {process.pid} on ")
+    assert taken < log.rindex("resumed from")
     assert not (killed_dir / ".cskd.lock").exists()
 
 

@@ -56,6 +56,7 @@ class RunLock:
     def __init__(self, directory: str | os.PathLike) -> None:
         self.path = Path(directory) / LOCK_NAME
         self.held = False
+        self.taken_over = ""  # the warning given when a dead run's lock was taken over
         self._stop = threading.Event()
         self._identity = {
             "pid": os.getpid(),
@@ -101,7 +102,8 @@ class RunLock:
                 "it to end, or choose another train.output_dir (if that run is in fact dead, "
                 f"delete {self.path})"
             )
-        log.warning(f"taking over the lock of a dead run: {who}, {dead_because}")
+        self.taken_over = f"taking over the lock of a dead run: {who}, {dead_because}"
+        log.warning(self.taken_over)
         self.path.unlink(missing_ok=True)
 
     def _heartbeat(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -63,6 +64,9 @@ def prepare_run_dir(train: TrainConfig, *, is_main: bool, lock: RunLock | None =
                 if entry.name != LOCK_NAME:
                     shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         remove_stale_temporaries(run_dir)  # of checkpoint writes a kill interrupted
+        if lock is not None and lock.taken_over:  # said before train.log is attached: keep it
+            with open(run_dir / "train.log", "a") as file:
+                file.write(f"{time.strftime('%H:%M:%S')} {lock.taken_over}\n")
     return run_dir
 
 
