@@ -34,9 +34,8 @@ import torch
 
 from cskd.errors import USER_ERRORS
 from cskd.method.adapters import (
-    DenseStudent,
     DenseTeacher,
-    MapStudent,
+    DistilledStudent,
     is_vit,
     map_student_problem,
     patch_logits_problem,
@@ -95,7 +94,7 @@ def student_cskd(name: str) -> None:
     if problem is not None:
         raise ConfigError(problem)
     student = wrap_student(model, method="cskd")
-    assert isinstance(student, DenseStudent | MapStudent)
+    assert isinstance(student, DistilledStudent)
     with torch.no_grad():
         output = student(torch.randn(2, 3, size, size))
     assert output.patch_logits.shape[0] == 2 and output.patch_logits.shape[-1] == 10

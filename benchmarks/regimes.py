@@ -46,7 +46,8 @@ again; an interrupted run resumes from its ``last.pt``; several workers (start t
 than once) split the runs. The Markdown report's generated block and the plot are rewritten at
 the end of every invocation. The estimates of the new regimes come from the recorded runs of
 ``long`` and ``translated`` on these shared cores (training scales with the images, evaluation
-does not; ``bagnet19`` costs 1.05x the ResNet-18 per step, measured on 128 canvases).
+does not; per step of 128 canvases ``bagnet19`` cost 1.05x the ResNet-18 in one measurement
+and 0.61x in a later one side by side, ``bagnet27`` 0.63x; the BagNets trained in 29 and 24 min).
 
     python benchmarks/regimes.py --regime long --threads 1        # about 3.5 core-hours
     python benchmarks/regimes.py --regime translated --threads 1  # about 4.5 core-hours

@@ -5,8 +5,9 @@ The public API, importable from ``cskd`` directly (each loaded on first use, so 
 
 - running: :func:`load_config`, :func:`train`, :func:`evaluate_checkpoint`, :func:`build_cache`,
   :func:`diagnose_run`, :func:`run_demo`
-- models: :class:`DenseTeacher`, :class:`DenseStudent`, :func:`load_teacher`,
-  :func:`load_student`, :func:`combine_heads`
+- models: :class:`DenseTeacher`, :class:`DenseStudent` (a ViT), :class:`MapStudent` (a
+  hierarchical or convolutional student), their base :class:`DistilledStudent`,
+  :func:`load_teacher`, :func:`load_student`, :func:`combine_heads`
 - your own training loop: :class:`CSKDTask` (a timm training task)
 - the method: :class:`Distiller`, :func:`objective`, :class:`ObjectiveWeights`,
   :func:`cskd_loss`, :func:`token_loss`, :func:`base_loss`, :func:`fused_target`,
@@ -28,6 +29,8 @@ _HOMES = {
     "run_demo": "cskd.commands.demo",
     "DenseTeacher": "cskd.method.adapters",
     "DenseStudent": "cskd.method.adapters",
+    "MapStudent": "cskd.method.adapters",
+    "DistilledStudent": "cskd.method.adapters",
     "TeacherOutput": "cskd.method.adapters",
     "StudentOutput": "cskd.method.adapters",
     "combine_heads": "cskd.method.adapters",

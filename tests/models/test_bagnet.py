@@ -67,14 +67,18 @@ def test_dense_teacher_takes_it_and_its_cells_average_to_its_output():
     torch.testing.assert_close(output.dense_logits.mean((2, 3)), output.global_logits)
 
 
-def test_the_library_knows_the_name_before_building_any_model(tmp_path):
-    """A run, the pre-flight and load_teacher find bagnet19 by name, with no import by the user."""
-    model = _bagnet()
+@pytest.mark.parametrize("name", ["bagnet19", "bagnet27"])
+def test_the_library_knows_the_name_before_building_any_model(tmp_path, name):
+    """A run, the pre-flight and load_teacher find each BagNet by name, with no import by the
+    user, and timm has its pretrained_cfg (64 px input, no weights)."""
+    model = _bagnet(name)
     torch.save(model.state_dict(), tmp_path / "bagnet.pth")
     code = (
         "import sys, timm; from cskd.training import preflight; "
-        "assert timm.is_model('bagnet19'); from cskd import load_teacher; "
-        f"t = load_teacher('bagnet19', sys.argv[1], num_classes=10, in_chans=1, channels={WIDTHS},"
+        f"assert timm.is_model('{name}'); from cskd import load_teacher; "
+        f"cfg = timm.models.get_pretrained_cfg('{name}'); "
+        "assert cfg.input_size == (3, 64, 64) and not cfg.url, cfg; "
+        f"t = load_teacher('{name}', sys.argv[1], num_classes=10, in_chans=1, channels={WIDTHS},"
         " image_size=64, mean=(0.5,), std=(0.5,)); print(t.grid(64))"
     )
     result = subprocess.run(

@@ -240,6 +240,31 @@ def test_a_headless_teacher_or_a_too_coarse_student_map_is_named_at_construction
         CSKDTask(student, teacher, weights=deit, epochs=1, steps_per_epoch=1, image_size=32)
 
 
+def test_the_grid_check_uses_the_size_the_student_runs_at():
+    """A ViT with dynamic_img_size built at 32 px and run at 64 has an 8 x 8 grid there: it is
+    served; a global-only teacher under cskd is refused in one line."""
+    dynamic = timm.create_model(
+        "deit_tiny_distilled_patch16_224",
+        num_classes=4,
+        **{**TINY_STUDENT, "patch_size": 8, "dynamic_img_size": True},  # 4 x 4 at 32 px
+    )
+    teacher = timm.create_model("resnet18", num_classes=4, **TINY_TEACHER)  # 8 x 8 at 64 px
+    task = CSKDTask(dynamic, teacher, epochs=1, steps_per_epoch=1, image_size=64)
+    assert task.trainable_module.grid(64) == (8, 8) and task.trainable_module.grid(32) == (4, 4)
+    images, labels = torch.randn(2, 3, 64, 64), torch.tensor([0, 1])
+    assert torch.isfinite(task(images, labels)["cskd"])
+    global_only = DenseTeacher(teacher, check_size=64, global_only=True)
+    with pytest.raises(ConfigError, match=r"global_only=True.*gives no dense logits"):
+        CSKDTask(dynamic, global_only, epochs=1, steps_per_epoch=1, image_size=64)
+
+
+def test_a_map_student_too_coarse_at_run_time_is_named_as_a_map():
+    """Run on smaller images than it was checked at, a map student's error names its map."""
+    cnn = MapStudent(timm.create_model("resnet18", num_classes=4, **TINY_TEACHER))
+    with pytest.raises(GridError, match=r"student map 1x1 \(.*final feature map\) is smaller"):
+        cnn(torch.randn(2, 3, 8, 8), output_grid=(4, 4))  # the teacher's map at 32 px
+
+
 def test_probing_a_map_students_grid_moves_no_batch_norm_statistics():
     """The grid probe (pre-flight, task construction) runs the student in eval mode: a training
     student's batch-norm running statistics are those of the training batches only."""

@@ -24,7 +24,7 @@ from ..config import load_config
 from ..data import build_eval_set
 from ..errors import ConfigError
 from ..infra.weights import load_adapted
-from ..method.adapters import DenseStudent, MapStudent
+from ..method.adapters import DistilledStudent
 from ..method.distiller import normalizer
 from ..training import diagnostics
 from ..training.models import build_student, build_teacher
@@ -80,11 +80,7 @@ def diagnose_run(
     out.mkdir(exist_ok=True)
     (out / "diagnostics.json").write_text(json.dumps(result, indent=2))
     written = [out / "diagnostics.json"]
-    if (
-        teacher is not None
-        and not teacher.global_only
-        and isinstance(student, DenseStudent | MapStudent)
-    ):
+    if teacher is not None and not teacher.global_only and isinstance(student, DistilledStudent):
         count = min(pictures, probe.targets.shape[0])
         diagnostics.draw_maps(
             out / "maps.png",

@@ -317,11 +317,15 @@ class DistilledStudent(TimmModelWrapper):
         super().__init__(model)
         self.inference_rule = inference_rule
 
+    def inference_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Inference logits (N, K) under ``inference_rule``; the dense head sees the mean
+        location (a 1 x 1 output grid). Differentiable (:meth:`predict` is not)."""
+        return combine_heads(self(images, output_grid=(1, 1)), self.inference_rule)
+
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
-        """Inference logits (N, K) under ``inference_rule``, without gradients; the dense head
-        sees the mean location (a 1 x 1 output grid)."""
-        return combine_heads(self(images, output_grid=(1, 1)), self.inference_rule)
+        """:meth:`inference_logits` without gradients: (N, K)."""
+        return self.inference_logits(images)
 
 
 class DenseStudent(DistilledStudent):
@@ -353,10 +357,18 @@ class DenseStudent(DistilledStudent):
         """The head applied to patch tokens: the distillation head, or the class head."""
         return self.model.head_dist if self.distilled else self.model.head
 
-    def _grid_for(self, images: torch.Tensor) -> tuple[int, int]:
+    def grid(self, image_size: int) -> tuple[int, int]:
+        """(h, w): the patch grid for ``image_size`` x ``image_size`` inputs: the built grid,
+        or, for a ViT built with ``dynamic_img_size``, the grid at that size."""
+        return self._grid_for_size((image_size, image_size))
+
+    def _grid_for_size(self, size: tuple[int, int]) -> tuple[int, int]:
         if getattr(self.model, "dynamic_img_size", False):
-            return tuple(self.model.patch_embed.dynamic_feat_size(images.shape[-2:]))
+            return tuple(self.model.patch_embed.dynamic_feat_size(size))
         return self.grid_size
+
+    def _grid_for(self, images: torch.Tensor) -> tuple[int, int]:
+        return self._grid_for_size(tuple(images.shape[-2:]))
 
     def forward(
         self,
@@ -483,7 +495,8 @@ class MapStudent(DistilledStudent):
         if not with_patches:
             return StudentOutput(cls_logits, dist_logits, None, grid)
         if output_grid is not None:
-            locations = align_to_grid(locations, grid, output_grid)  # (N, H'*W', C_f)
+            what = f"{type(self.model).__name__}'s final feature map"
+            locations = align_to_grid(locations, grid, output_grid, student_map=what)
             grid = tuple(output_grid)
         return StudentOutput(cls_logits, dist_logits, self.head_dist(locations), grid)
 
@@ -573,4 +586,4 @@ def wrap_student(
 def rules_for(student: nn.Module) -> tuple[str, ...]:
     """The inference rules that differ for this student (all three for a ViT or a
     :class:`MapStudent`, ``cls`` for a plain classifier)."""
-    return INFERENCE_RULES if isinstance(student, DenseStudent | MapStudent) else ("cls",)
+    return INFERENCE_RULES if isinstance(student, DistilledStudent) else ("cls",)

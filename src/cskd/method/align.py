@@ -35,8 +35,8 @@ def check_grids(
     if student_map:
         raise GridError(
             f"student map {h}x{w} ({student_map}) is smaller than the teacher grid {th}x{tw}: "
-            "raise the image size, give the student a finer map (student.kwargs.output_stride, "
-            "where the model takes it) or the teacher a coarser one"
+            "raise the image size, give the student a finer map (its output_stride where the "
+            "model takes one: student.kwargs.output_stride in a run) or the teacher a coarser one"
         )
     raise GridError(
         f"student grid {h}x{w} is smaller than the teacher grid {th}x{tw}: raise the student's "
@@ -55,13 +55,18 @@ def _area_weights(source: int, target: int, *, dtype: torch.dtype) -> torch.Tens
 
 
 def align_to_grid(
-    values: torch.Tensor, student_grid: tuple[int, int], teacher_grid: tuple[int, int]
+    values: torch.Tensor,
+    student_grid: tuple[int, int],
+    teacher_grid: tuple[int, int],
+    *,
+    student_map: str = "",
 ) -> torch.Tensor:
     """Pool per-patch values (N, h*w, C), row-major on ``student_grid``, to (N, H*W, C).
 
-    C may be the token width D (pool before the head) or the number of classes K.
+    C may be the token width D (pool before the head) or the number of classes K. Raises
+    :class:`GridError` (:func:`check_grids`, with ``student_map``) for a coarser student grid.
     """
-    check_grids(student_grid, teacher_grid)
+    check_grids(student_grid, teacher_grid, student_map=student_map)
     (h, w), (th, tw) = student_grid, teacher_grid
     n, m, c = values.shape
     if m != h * w:

@@ -37,9 +37,10 @@ from timm.models.byobnet import ByoBlockCfg, ByobNet, ByoModelCfg
 
 __all__ = ["bagnet19", "bagnet27", "bagnet_config"]
 
-# px per model, from the table above; measured in tests/models/test_bagnet.py
+# per model: the middle convolution of each stage's first block, and the receptive field (px)
+# that follows from the table above (measured in tests/models/test_bagnet.py)
+KERNEL_SIZES = {"bagnet19": (3, 3, 3, 1), "bagnet27": (3, 3, 5, 1)}
 RECEPTIVE_FIELD = {"bagnet19": 19, "bagnet27": 27}
-KERNEL_SIZES = {"bagnet19": (3, 3, 3, 1), "bagnet27": (3, 3, 5, 1)}  # stages' first blocks
 
 _default_cfg = {
     "url": "",
@@ -54,7 +55,7 @@ _default_cfg = {
     "classifier": "head.fc",
 }
 # read by timm's register_model: each model's pretrained_cfg (no weights)
-default_cfgs = {name: dict(_default_cfg) for name in RECEPTIVE_FIELD}
+default_cfgs = {name: dict(_default_cfg) for name in KERNEL_SIZES}
 
 
 def bagnet_config(

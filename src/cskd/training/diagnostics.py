@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..method.adapters import DenseStudent, DenseTeacher, MapStudent
+from ..method.adapters import DenseStudent, DenseTeacher, DistilledStudent
 from ..method.losses import fused_target
 from ..method.schedules import local_weight
 
@@ -225,7 +225,7 @@ def cutmix_probe(
     output = teacher(teacher.renormalize(mixed, mean=mean, std=std))
     dense, global_logits = output.dense_logits.float(), output.global_logits.float()
     result = {"teacher": cutmix_answers(dense.argmax(1), partner, targets)}
-    if isinstance(student, DenseStudent | MapStudent):
+    if isinstance(student, DistilledStudent):
         was_training = student.training
         student.eval()
         grid = tuple(dense.shape[-2:])
@@ -275,7 +275,7 @@ def measure(
     grid = tuple(dense.shape[-2:])
     cells = object_cells(object_mask, grid) if object_mask is not None else None
     result["teacher"] = teacher_map_quality(dense, global_logits, targets, object_mask=cells)
-    if isinstance(student, DenseStudent | MapStudent):
+    if isinstance(student, DistilledStudent):
         was_training = student.training
         student.eval()
         patch_logits = student(images, output_grid=grid).patch_logits  # (N, H*W, K)

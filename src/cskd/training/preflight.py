@@ -58,7 +58,7 @@ from ..infra.weights import check_state_fits
 from ..method.adapters import (
     DenseStudent,
     DenseTeacher,
-    MapStudent,
+    DistilledStudent,
     is_vit,
     map_student_problem,
     patch_logits_problem,
@@ -126,19 +126,15 @@ def check_models(config: Config) -> None:
 
 
 def check_student_grid(
-    student: DenseStudent | MapStudent, teacher: DenseTeacher, image_size: int, name: str
+    student: DistilledStudent, teacher: DenseTeacher, image_size: int, name: str
 ) -> tuple[tuple[int, int], tuple[int, int]]:
     """The student's and the teacher's grids (rows, columns) at ``image_size`` px; raises
-    :class:`~cskd.errors.GridError` (naming ``name``, the student's model) when the student's
-    patch grid or final map is coarser than the teacher's map (CSKD pools the student's onto
-    the teacher's, never the reverse)."""
-    teacher_grid = teacher.grid(image_size)
-    if isinstance(student, DenseStudent):
-        grid, student_map = student.grid_size, ""
-    else:
-        grid = student.grid(image_size)
-        student_map = f"{name}'s final feature map at {image_size} px"
-    check_grids(grid, teacher_grid, student_map=student_map)
+    :class:`~cskd.errors.GridError` when the student's patch grid or final map (then named by
+    ``name``, the student's model) is coarser than the teacher's map (CSKD pools the student's
+    onto the teacher's, never the reverse)."""
+    grid, teacher_grid = student.grid(image_size), teacher.grid(image_size)
+    kind = "" if isinstance(student, DenseStudent) else f"{name}'s final feature map at"
+    check_grids(grid, teacher_grid, student_map=kind and f"{kind} {image_size} px")
     return grid, teacher_grid
 
 
@@ -385,7 +381,7 @@ def check_run(
     # (a teacher of another class count never gets here: build_teacher creates the model for
     # data.num_classes and weights.check_state_fits names a head of another size)
     if teacher is not None:
-        if config.distill.method == "cskd" and isinstance(student, DenseStudent | MapStudent):
+        if config.distill.method == "cskd" and isinstance(student, DistilledStudent):
             size = config.data.image_size
             grid, teacher_grid = check_student_grid(student, teacher, size, config.student.name)
             log.info(

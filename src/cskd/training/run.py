@@ -310,8 +310,8 @@ class EpochLoop:
     @property
     def eval_extent(self) -> dict:
         """The validation split's size and ``train.eval_max_batches``, for the epoch line."""
-        dataset = getattr(self.evaluation.val_loader, "dataset", ())
-        return {"split_images": len(dataset), "cap": self.config.train.eval_max_batches}
+        split_images = len(self.evaluation.val_loader.dataset)
+        return {"split_images": split_images, "cap": self.config.train.eval_max_batches}
 
     def should_stop(self) -> bool:
         """A stop request (SIGTERM, Ctrl-C) or ``train.stop_after_steps``, agreed by all ranks so

@@ -35,7 +35,8 @@ RESULTS = ("last.pt", "best.pt", "student.safetensors", "final_metrics.json")  #
 def prepare_run_dir(train: TrainConfig, *, is_main: bool, lock: RunLock | None = None) -> Path:
     """Create the run directory and take its ``lock`` (rank 0); refuse a directory that holds
     another run unless resuming or overwriting, one a live run is writing, and an output path
-    that cannot be a directory. Overwriting keeps the lock."""
+    that cannot be a directory. Overwriting keeps the lock. Taking over a dead run's lock is
+    said on stderr and appended to the directory's ``train.log``."""
     run_dir = Path(train.output_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(

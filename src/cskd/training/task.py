@@ -23,9 +23,9 @@ from ..errors import ConfigError
 from ..method.adapters import (
     DenseStudent,
     DenseTeacher,
+    DistilledStudent,
     MapStudent,
     PlainClassifier,
-    combine_heads,
     is_vit,
     map_student_problem,
     patch_logits_problem,
@@ -124,7 +124,7 @@ class CSKDTask(TrainingTask):
             std=teacher_std,
             kwargs=teacher_kwargs or {},
         )
-        if self.weights.method == "cskd" and isinstance(student, DenseStudent | MapStudent):
+        if self.weights.method == "cskd" and isinstance(student, DistilledStudent):
             check_student_grid(student, self.teacher, image_size, type(model).__name__)
         self.to(self.device)
 
@@ -171,6 +171,12 @@ class CSKDTask(TrainingTask):
                     f"{num_classes}: a teacher must be trained on the student's classes"
                 )
         if isinstance(teacher, DenseTeacher):
+            if teacher.global_only and not global_only:
+                raise ConfigError(
+                    f"the teacher {type(inner).__name__} was wrapped with global_only=True, so it "
+                    "gives no dense logits for CSKD: wrap it with global_only=False, or distil "
+                    'with ObjectiveWeights(method="deit")'
+                )
             return teacher
         if isinstance(teacher, str):
             return load_teacher(
@@ -287,9 +293,8 @@ class Predictor(nn.Module):
         state_dict_of_child(self, "student")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.student, DenseStudent | MapStudent):
-            output = self.student(images, output_grid=(1, 1))
-            return combine_heads(output, self.student.inference_rule)
+        if isinstance(self.student, DistilledStudent):
+            return self.student.inference_logits(images)
         return self.student(images).cls_logits
 
 
