@@ -140,6 +140,7 @@ class Regime:
     epoch_candidates: tuple[int, ...] = ()  # student epochs chosen on validation (DeiT seed 0)
     methods: tuple[str, ...] = tuple(METHODS)  # the students trained, a subset of METHODS
     locality_check: bool = False  # measure the teacher's map and refuse students if not local
+    compare_with: str = ""  # a regime with the same data, students and seeds, another teacher
     page: str = ""  # the results' file stem, if not regime_<name>
 
     def __post_init__(self) -> None:
@@ -338,6 +339,7 @@ REGIMES = {
         student=(*TRANSLATED_STUDENT, "teacher.name=bagnet19", f"teacher.kwargs={BAGNET}"),
         methods=("deit", "cskd/linear"),
         locality_check=True,
+        compare_with="translated",
         prediction=(
             "The `translated` regime could not test CSKD's mechanism: its ResNet-18 sees the "
             "whole 64 px canvas from every cell, so its background cells named the garment's "
@@ -374,6 +376,7 @@ REGIMES = {
         student=(*TRANSLATED_STUDENT, "teacher.name=bagnet27", f"teacher.kwargs={BAGNET}"),
         methods=("deit", "cskd/linear"),
         locality_check=True,
+        compare_with="translated",
         prediction=(
             "The first local teacher (`bagnet19`, regime_local_teacher.md) failed the check on "
             "the side that matters: its background cells were local (13.3%, blind ones 11.6%, "
@@ -629,6 +632,34 @@ PAIRS = (  # the report's paired differences: (row, first method, second method,
 )
 
 
+def comparison_lines(results: dict, compared: dict, regime: Regime) -> list[str]:
+    """Each method's run here minus the same method and seed in ``regime.compare_with`` (test
+    top-1 with the method's own rule): what changing only the teacher did to each student."""
+    here, there = results["runs"], compared["runs"]
+    other = there.get("teacher")
+    teacher = f"; its teacher's test top-1 {other['test']['cls']['top1']:.2f}%" if other else ""
+    lines = [
+        "",
+        f"Against the `{regime.compare_with}` regime (the same data, students and seeds, another "
+        f"teacher{teacher}), per seed, this regime's run minus that regime's, test top-1 points "
+        "(computed after the runs; not part of the prediction):",
+        "",
+        "| difference | n | per seed | mean ± std | verdict |",
+        "|---|---|---|---|---|",
+    ]
+    for label in regime.methods:
+        rule = METHODS[label][1]
+        keys = [run_key(label, seed) for seed in range(10)]
+        differences = [
+            here[key]["test"][rule]["top1"] - there[key]["test"][rule]["top1"]
+            for key in keys
+            if key in here and key in there
+        ]
+        row = f"{label} ({rule}): `{regime.name}` - `{regime.compare_with}`"
+        lines.append(describe_difference(row, differences))
+    return lines
+
+
 def describe_difference(name: str, differences: list[float]) -> str:
     if not differences:
         return f"| {name} | 0 | — | — | — |"
@@ -689,8 +720,18 @@ def plot(results: dict, regime: Regime, path: Path) -> None:
     pyplot.close(figure)
 
 
-def report(results: dict, regime: Regime, *, command: str, quick: bool, name: str) -> str:
-    """The generated block of the regime's Markdown page."""
+def report(
+    results: dict,
+    regime: Regime,
+    *,
+    command: str,
+    quick: bool,
+    name: str,
+    compared: dict | None = None,
+) -> str:
+    """The generated block of the regime's Markdown page; ``compared``: the results of
+    ``regime.compare_with`` (the same students and seeds under another teacher), whose runs are
+    subtracted seed by seed from this regime's."""
     runs = results["runs"]
     spent = sum(entry.get("train_s", entry["wall_s"]) for entry in runs.values())
     lines = [
@@ -757,6 +798,10 @@ def report(results: dict, regime: Regime, *, command: str, quick: bool, name: st
             for row, first, second, rules in PAIRS
             if first in regime.methods and second in regime.methods
         ),
+    ]
+    if compared is not None:
+        lines += comparison_lines(results, compared, regime)
+    lines += [
         "",
         "Per run (test top-1 at the last epoch: cls / cls+dist / cls+dist+patch; training time):",
         "",
@@ -1116,7 +1161,13 @@ def main(argv: list[str] | None = None) -> int:
     results = read_results(results_path)
     if results["runs"]:
         plot(results, regime, results_dir / f"{name}.png")
-    block = report(results, regime, command=command.strip(), quick=quick, name=name)
+    compared = None
+    if regime.compare_with:
+        suffix = "_quick" if quick else ""
+        compared = read_results(results_dir / f"{REGIMES[regime.compare_with].stem}{suffix}.json")
+    block = report(
+        results, regime, command=command.strip(), quick=quick, name=name, compared=compared
+    )
     title = f"Regime `{regime.name}`: {regime.title}"
     write_report(results_dir / f"{name}.md", block, title=title, prediction=regime.prediction)
     print(f"[regimes] wrote {results_dir / name}.{{json,md,png}}", flush=True)

@@ -252,6 +252,38 @@ def test_the_second_local_teacher_changes_only_the_teacher():
     assert second.stem == "regime_local_teacher_27"
 
 
+def test_a_local_teacher_page_subtracts_the_translated_runs_seed_by_seed():
+    """The local-teacher pages compare each student with the same method and seed under the
+    translated regime's ResNet-18: only the teacher differs."""
+    script = load_script("regimes")
+    regime = script.REGIMES["local-teacher-27"]
+    assert regime.compare_with == "translated"
+
+    def run(**top1):
+        return {"test": {rule: {"top1": value} for rule, value in top1.items()}}
+
+    here = {
+        "runs": {
+            "deit-seed0": run(**{"cls+dist": 45.0}),
+            "cskd-linear-seed0": run(**{"cls+dist+patch": 46.0}),
+            "cskd-linear-seed1": run(**{"cls+dist+patch": 47.0}),
+        }
+    }
+    there = {
+        "runs": {
+            "teacher": run(cls=82.39),
+            "deit-seed0": run(**{"cls+dist": 44.0}),
+            "cskd-linear-seed0": run(**{"cls+dist+patch": 43.0}),
+            "cskd-linear-seed1": run(**{"cls+dist+patch": 43.5}),
+        }
+    }
+    lines = script.comparison_lines(here, there, regime)
+    assert "its teacher's test top-1 82.39%" in lines[1]
+    deit, cskd = lines[-2:]
+    assert deit.startswith("| deit (cls+dist): `local-teacher-27` - `translated` | 1 | +1.00 |")
+    assert "| 2 | +3.00, +3.50 | +3.25 ± 0.35 |" in cskd
+
+
 def test_locality_check_passes_a_local_map_and_refuses_the_translated_resnet():
     script = load_script("regimes")
     local = {"object_names_label": 65.0, "background_names_label": 25.0}
