@@ -554,3 +554,32 @@ def test_families_table_records_each_outcome_in_one_line(tmp_path, one_thread):
     assert script.main(arguments) == 0
     record = json.loads((tmp_path / "families.json").read_text())
     assert [r["family"] for r in record["rows"]] == families and len(record["updates"]) == 1
+
+
+def test_run_diagnostics_averages_the_recorded_diagnostics_over_seeds(tmp_path, capsys):
+    script = load_script("run_diagnostics")
+    teacher = {
+        "local_top1": 17.5,
+        "object_local_top1": 50.3,
+        "background_local_top1": 13.3,
+        "global_top1": 84.4,
+        "local_agrees_with_global": 18.8,
+    }
+    for seed, local in ((0, 50.0), (1, 60.0)):
+        run = tmp_path / f"cskd-linear-seed{seed}"
+        run.mkdir()
+        (run / "final_metrics.json").write_text("{}")
+        diagnostics = {
+            "local_weight": 0.9,
+            "attention_distance": [30.0, 32.0],
+            "teacher": teacher,
+            "student": {"follows_local": local, "follows_global": 10.0, "follows_ckf_target": 40.0},
+        }
+        records = [{"type": "step"}, {"type": "epoch", "epoch": 2, "diagnostics": diagnostics}]
+        (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    (tmp_path / "deit-seed0").mkdir()  # unfinished: no final_metrics.json, left out
+    assert script.main([str(tmp_path), "--output", str(tmp_path / "d.md")]) == 0
+    text = (tmp_path / "d.md").read_text()
+    assert "| cskd-linear | 2 | 3 | 0.90 | 55.0 | 10.0 | 40.0 | 31.0 |" in text
+    assert "| deit |" not in text and "agree with its global answer at 18.8%" in text
+    assert script.main([str(tmp_path / "missing")]) == 2
