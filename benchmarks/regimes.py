@@ -229,6 +229,24 @@ def data_regime(size: int) -> Regime:
     )
 
 
+def local_teacher_regime(name: str, model: str, *, title: str, prediction: str) -> Regime:
+    """The ``translated`` data and students taught by ``model`` (a BagNet, cskd.models.bagnet)
+    whose map is checked for locality before any student; ``deit`` and ``cskd/linear``, each
+    also compared with the same students and seeds under the ``translated`` ResNet-18."""
+    return Regime(
+        name=name,
+        page="regime_" + name.replace("-", "_"),
+        title=title,
+        data=tuple(TRANSLATED),
+        teacher=(*TEACHER_LONG, f"student.name={model}", f"student.kwargs={BAGNET}"),
+        student=(*TRANSLATED_STUDENT, f"teacher.name={model}", f"teacher.kwargs={BAGNET}"),
+        methods=("deit", "cskd/linear"),
+        locality_check=True,
+        compare_with="translated",
+        prediction=prediction,
+    )
+
+
 REGIMES = {
     "long": Regime(
         name="long",
@@ -327,19 +345,13 @@ REGIMES = {
             "smaller, and DeiT's edge over no teacher should shrink the most."
         ),
     ),
-    "local-teacher": Regime(
-        name="local-teacher",
-        page="regime_local_teacher",
+    "local-teacher": local_teacher_regime(
+        "local-teacher",
+        "bagnet19",
         title=(
             "A local teacher: the `translated` canvases with a BagNet teacher whose cells see "
             "19 x 19 px (8 x 8 map), `deit` against `cskd/linear`"
         ),
-        data=tuple(TRANSLATED),
-        teacher=(*TEACHER_LONG, "student.name=bagnet19", f"student.kwargs={BAGNET}"),
-        student=(*TRANSLATED_STUDENT, "teacher.name=bagnet19", f"teacher.kwargs={BAGNET}"),
-        methods=("deit", "cskd/linear"),
-        locality_check=True,
-        compare_with="translated",
         prediction=(
             "The `translated` regime could not test CSKD's mechanism: its ResNet-18 sees the "
             "whole 64 px canvas from every cell, so its background cells named the garment's "
@@ -364,19 +376,13 @@ REGIMES = {
             "of students that reach only 42-45%."
         ),
     ),
-    "local-teacher-27": Regime(
-        name="local-teacher-27",
-        page="regime_local_teacher_27",
+    "local-teacher-27": local_teacher_regime(
+        "local-teacher-27",
+        "bagnet27",
         title=(
             "A local teacher, second try: the `local-teacher` regime with `bagnet27`, whose cells "
             "see 27 x 27 px (8 x 8 map), `deit` against `cskd/linear`"
         ),
-        data=tuple(TRANSLATED),
-        teacher=(*TEACHER_LONG, "student.name=bagnet27", f"student.kwargs={BAGNET}"),
-        student=(*TRANSLATED_STUDENT, "teacher.name=bagnet27", f"teacher.kwargs={BAGNET}"),
-        methods=("deit", "cskd/linear"),
-        locality_check=True,
-        compare_with="translated",
         prediction=(
             "The first local teacher (`bagnet19`, regime_local_teacher.md) failed the check on "
             "the side that matters: its background cells were local (13.3%, blind ones 11.6%, "
