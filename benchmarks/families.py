@@ -46,6 +46,7 @@ from cskd.training.preflight import no_classifier
 SMALL = ("atto", "femto", "pico", "nano", "tiny", "xxs", "xs", "mini", "small", "_s", "b0", "t")
 CANDIDATES = 8  # models per family whose size is compared
 COLUMNS = ("teacher deit", "teacher cskd", "student deit", "student cskd")
+CELL = 160  # characters of a refusal shown in the table; the page lists each one whole below it
 
 
 def smallest(family: str) -> str | None:
@@ -77,9 +78,9 @@ def outcome(check) -> str:
         check()
         return "yes"
     except USER_ERRORS as error:
-        return "no: " + " ".join(str(error).split())[:160]
+        return "no: " + " ".join(str(error).split())
     except Exception as error:  # noqa: BLE001 - recorded: a traceback is what the table finds
-        return f"BUG: {type(error).__name__}: " + " ".join(str(error).split())[:120]
+        return f"BUG: {type(error).__name__}: " + " ".join(str(error).split())
 
 
 def student_cskd(name: str) -> None:
@@ -144,6 +145,10 @@ def check_family(family: str) -> dict:
     return row
 
 
+def shorten(text: str) -> str:
+    return text if len(text) <= CELL else text[: CELL - 1] + "…"
+
+
 def report(rows: list[dict], *, command: str) -> str:
     counted = [r for r in rows if r.get("model")]
     totals = {c: sum(r[c] == "yes" for r in counted) for c in COLUMNS}
@@ -158,16 +163,21 @@ def report(rows: list[dict], *, command: str) -> str:
         + ", ".join(f"{c} {totals[c]}" for c in COLUMNS)
         + f"; tracebacks (bugs): {bugs}",
         "",
-        "`yes`: works. `no: ...`: the one-line refusal a user gets (exit 2 from `cskd`).",
+        "`yes`: works. `no: ...`: the one-line refusal a user gets (exit 2 from `cskd`), cut at "
+        f"{CELL} characters in the table and given whole, with its fix, under it.",
         "",
         "| family | model | M params | " + " | ".join(COLUMNS) + " |",
         "|---" * (3 + len(COLUMNS)) + "|",
     ]
     for r in counted:
-        cells = [r[c].replace("|", "/") for c in COLUMNS]
+        cells = [shorten(r[c].replace("|", "/")) for c in COLUMNS]
         lines.append(
             f"| {r['family']} | `{r['model']}` | {r['parameters_m']} | " + " | ".join(cells) + " |"
         )
+    refusals = [(r, c) for r in counted for c in COLUMNS if len(r[c]) > CELL]
+    if refusals:
+        lines += ["", "## Refusals in full", ""]
+        lines += [f"- {r['family']}, {c}: {r[c].replace('|', '/')}" for r, c in refusals]
     skipped = [r["family"] for r in rows if not r.get("model")]
     if skipped:
         lines += ["", f"No model of these families builds with 10 classes: {', '.join(skipped)}."]

@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from cskd.errors import USER_ERRORS
+from cskd.method.adapters import DenseTeacher
+
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))  # the scripts share benchmarks/common.py
 
@@ -549,6 +552,14 @@ def test_families_table_records_each_outcome_in_one_line(tmp_path, one_thread):
     assert rows["pit"]["student deit"] == "yes" and rows["pit"]["teacher deit"] == "yes"
     page = (tmp_path / "families.md").read_text()
     assert "tracebacks (bugs): 0" in page and "| pit | `pit_ti_224` |" in page
+    # a refusal is recorded whole, with its fix, as the user gets it: the table cell shortens it
+    # and the page lists it in full below the table
+    model, size = script.build("pit_ti_224")
+    with pytest.raises(USER_ERRORS) as refusal:
+        DenseTeacher(model, check_size=size, in_chans=3)
+    whole = "no: " + " ".join(str(refusal.value).split())
+    assert len(whole) > 200 and rows["pit"]["teacher cskd"] == whole
+    assert whole.replace("|", "/") in page
     # --update replaces the named families' rows and keeps the others
     arguments = ["--families", "pit", "--update", "--results-dir", str(tmp_path), *one_thread]
     assert script.main(arguments) == 0
