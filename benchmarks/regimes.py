@@ -1178,7 +1178,7 @@ def main(argv: list[str] | None = None) -> int:
     write_report(results_dir / f"{name}.md", block, title=title, prediction=regime.prediction)
     print(f"[regimes] wrote {results_dir / name}.{{json,md,png}}", flush=True)
     if regime.name in DATA_LADDER and regime.name != "long":  # a rung of the ladder: its page
-        write_ladder(results_dir, quick=quick, command=f"{command.strip()} (rung {regime.name})")
+        write_ladder(results_dir, quick=quick, command=command.strip())
     if refusal:
         print(refusal, file=sys.stderr, flush=True)  # last, after the report that shows why
         return 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -374,6 +375,10 @@ def test_data_ladder_page_and_plot_from_whatever_rungs_have_runs(tmp_path, one_t
     page = (quick / "regime_data_quick.md").read_text()
     assert "| 2,500 (`data-2500`) | 1 |" in page and "(quick mode: a smoke test" in page
     assert "| 10,000 (`long`) | 0 |" in page and (quick / "regime_data_quick.png").is_file()
+    # the page's command can be pasted into a shell as it stands
+    command = page.split("- Command: `", 1)[1].split("`", 1)[0]
+    assert shlex.split(command)[:4] == ["python", "benchmarks/regimes.py", "--regime", "data-2500"]
+    assert "(" not in command
 
 
 def test_data_ladder_rungs_train_on_their_size_with_the_same_validation_split():
