@@ -456,7 +456,7 @@ def _shared_note(teacher: dict) -> str:
     return (
         f" ({home}, trained again on this machine: other weights than recorded there, "
         f"{teacher['weights_sha256'][:12]} vs {str(teacher.get('home_weights_sha256'))[:12]}; "
-        "the students here were trained with this one)"
+        "the students here were trained with this one, except where a run below names another)"
     )
 
 
@@ -543,12 +543,14 @@ def run_one(
     key: str,
     path: Path,
     keeps: Path | None = None,
+    record: dict | None = None,
 ) -> bool:
     """Train one run (resuming a half-finished one) and record it; False when another worker
     holds it. Finished runs are never trained twice, unless ``keeps`` (a file the later runs
     need, the teacher's weights) is gone: run folders are not kept between machines, the
     results file is. Then the run is trained again (CPU training is deterministic), and its
-    weights' SHA-256 is compared with the one recorded the first time."""
+    weights' SHA-256 is compared with the one recorded the first time. ``record`` adds entries
+    to the run's record (the digest of the teacher a student distilled from)."""
     finished_before = read_results(path)["runs"].get(key)
     if finished_before and (keeps is None or keeps.exists()):
         return True
@@ -573,6 +575,7 @@ def run_one(
         "curve": epoch_curve(run_dir),
         "weights_sha256": sha256(run_dir / "student.safetensors"),
         "digest": "tensors",
+        **(record or {}),
     }
     if finished_before and finished_before.get("weights_sha256") not in (
         None,
@@ -583,6 +586,24 @@ def run_one(
     write_results(path, {"runs": {key: entry}})
     print(f"[regimes] {key}: test {entry['test']} in {entry['wall_s']:.0f} s", flush=True)
     return True
+
+
+def keep_teacher_record(path: Path) -> None:
+    """Before the teacher is trained again (its weights are not on this machine), record which
+    teacher the finished students distilled from, and keep that teacher's record as
+    ``teacher@<digest>``: another CPU gives other weights, and students trained after the
+    retraining distil from those (each student's ``teacher_weights_sha256`` says which)."""
+    runs = read_results(path)["runs"]
+    teacher = runs.get("teacher")
+    if not teacher or "weights_sha256" not in teacher:
+        return
+    digest = teacher["weights_sha256"]
+    stamped = {
+        key: {**entry, "teacher_weights_sha256": digest}
+        for key, entry in runs.items()
+        if not key.startswith("teacher") and "teacher_weights_sha256" not in entry
+    }
+    write_results(path, {"runs": {**stamped, f"teacher@{digest[:12]}": teacher}})
 
 
 def train_seconds(run_dir: Path) -> float:
@@ -815,6 +836,9 @@ def report(
     for key, entry in runs.items():
         shown = " / ".join(f"{value['top1']:.2f}" for value in entry["test"].values())
         spent = f"{entry['train_s']:.0f} s training" if "train_s" in entry else "—"
+        used = entry.get("teacher_weights_sha256")
+        if used and teacher and used != teacher.get("weights_sha256"):
+            spent += f"; teacher {used[:12]}, not the one above"  # retrained on another CPU
         lines.append(f"- `{key}`: {shown} ({spent})")
     lines += ["", f"![test top-1 per epoch]({name}.png)", "", GENERATED_END]
     return "\n".join(lines)
@@ -1039,7 +1063,13 @@ def main(argv: list[str] | None = None) -> int:
         help="a regime, or data: the data ladder's page from its rungs' results (no training)",
     )
     parser.add_argument("--quick", action="store_true", help="two steps per run: a smoke test")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. SEEDS-1 of each method")
+    parser.add_argument(
+        "--methods",
+        default="",
+        help="comma-separated subset of the regime's methods to train (default: all of them); "
+        "finished runs of the others still appear in the report",
+    )
     parser.add_argument("--output-dir", default="runs/benchmarks/regimes", help="run folders")
     parser.add_argument("--results-dir", default="docs/results", help="JSON, Markdown and PNG")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the report")
@@ -1068,6 +1098,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[regimes] wrote {page} (and its plot, where a rung has runs)", flush=True)
         return 0
     regime = REGIMES[arguments.regime]
+    methods = tuple(arguments.methods.split(",")) if arguments.methods else regime.methods
+    if unknown := [label for label in methods if label not in regime.methods]:
+        parser.error(f"--methods: {unknown} not in regime {regime.name}'s {list(regime.methods)}")
     name = regime.stem + ("_quick" if quick else "")
     results_path = results_dir / f"{name}.json"
     output_dir = Path(arguments.output_dir) / (regime.name + ("_quick" if quick else ""))
@@ -1085,6 +1118,8 @@ def main(argv: list[str] | None = None) -> int:
         # trained again and recorded here: the home regime's record stays the one its students
         # were trained with
         record_to = results_path if home is not None else teacher_results
+        if not (teacher_dir / "student.safetensors").exists():
+            keep_teacher_record(results_path)  # before a retrained teacher replaces it
         while not run_one(
             recipe=RECIPES / "teacher.yaml",
             overrides=teacher_overrides,
@@ -1104,6 +1139,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             write_results(results_path, {"runs": {"teacher": {**used, **note}}})
         checkpoint = teacher_dir / "student.safetensors"
+        teacher_digest = sha256(checkpoint)  # which teacher each student distilled from
         if regime.locality_check:
             refusal = check_teacher_locality(
                 regime,
@@ -1128,6 +1164,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_dir=output_dir / key,
                 key=key,
                 path=results_path,
+                record={"teacher_weights_sha256": teacher_digest},
             )
 
         epochs_extra: list[str] = []
@@ -1146,7 +1183,7 @@ def main(argv: list[str] | None = None) -> int:
                     results_path, {"runs": {run_key("deit", 0): {**pilot, "pilot": True}}}
                 )
             print(f"[regimes] epochs chosen on validation: {chosen}", flush=True)
-        students = [] if refusal else plan(1 if quick else arguments.seeds, regime.methods)
+        students = [] if refusal else plan(1 if quick else arguments.seeds, methods)
         for label, seed in students:
             train_student(label, seed, run_key(label, seed), epochs_extra)
 

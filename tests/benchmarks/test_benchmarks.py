@@ -153,6 +153,42 @@ def test_regimes_quick_trains_every_method_and_reports_paired_differences(
     assert "previous_weights_sha256" not in again
 
 
+def test_regimes_trains_only_the_methods_asked_and_records_each_students_teacher(
+    tmp_path, one_thread
+):
+    script = load_script("regimes")
+    arguments = ["--regime", "long", "--quick", "--output-dir", str(tmp_path / "runs")]
+    arguments += ["--results-dir", str(tmp_path), *one_thread]
+    with pytest.raises(SystemExit) as refused:  # a method the regime does not have
+        script.main([*arguments, "--methods", "deit,cskd/lienar"])
+    assert refused.value.code == 2
+    assert script.main([*arguments, "--methods", "deit"]) == 0
+    path = tmp_path / "regime_long_quick.json"
+    runs = json.loads(path.read_text())["runs"]
+    assert set(runs) == {"teacher", "deit-seed0"}
+    digest = runs["teacher"]["weights_sha256"]
+    assert runs["deit-seed0"]["teacher_weights_sha256"] == digest
+    # as if the teacher had been trained on another CPU: other weights recorded, then its folder
+    # is gone on this machine and it is trained again before the next student
+    runs["teacher"]["weights_sha256"] = "0" * 64
+    del runs["deit-seed0"]["teacher_weights_sha256"]  # a run recorded before this field existed
+    path.write_text(json.dumps({"runs": runs}))
+    teacher = tmp_path / "runs" / "long_quick" / "teacher"
+    for item in sorted(teacher.rglob("*"), reverse=True):
+        item.unlink() if item.is_file() else item.rmdir()
+    assert script.main([*arguments, "--methods", "cskd/linear"]) == 0
+    runs = json.loads(path.read_text())["runs"]
+    assert runs["teacher"]["weights_sha256"] == digest  # CPU training is deterministic here
+    assert runs["teacher@000000000000"]["test"] == runs["teacher"]["test"]  # the old record kept
+    assert runs["deit-seed0"]["teacher_weights_sha256"] == "0" * 64  # what it distilled from
+    assert runs["cskd-linear-seed0"]["teacher_weights_sha256"] == digest
+    page = (tmp_path / "regime_long_quick.md").read_text()
+    deit_line = next(line for line in page.splitlines() if line.startswith("- `deit-seed0`"))
+    assert "teacher 000000000000, not the one above" in deit_line
+    cskd_line = next(line for line in page.splitlines() if line.startswith("- `cskd-linear-seed0`"))
+    assert "not the one above" not in cskd_line
+
+
 def test_recipe_regime_shares_the_long_teacher_and_chooses_epochs_on_validation(
     tmp_path, one_thread
 ):
