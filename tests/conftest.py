@@ -6,6 +6,11 @@ import pytest
 import timm
 import torch
 
+# Seconds after which a subprocess or a process group is taken to hang. A guard only: no test's
+# verdict may depend on the machine's speed, so this is far beyond any run's time on a loaded
+# 2-core machine (a test that waits for something holds it there until the test releases it).
+HANG = 900
+
 TINY_TEACHER = {"channels": [8, 16, 32, 64], "output_stride": 8}
 TINY_STUDENT = {"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
 

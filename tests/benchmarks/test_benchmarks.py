@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import HANG
 
 from cskd.errors import USER_ERRORS
 from cskd.method.adapters import DenseTeacher
@@ -477,7 +478,7 @@ def test_gpu_study_script_quick_mode_runs_every_run_of_the_full_regime_on_the_cp
         env=environment,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=HANG,
     )
     assert result.returncode == 0, result.stderr + "".join(
         path.read_text()[-2000:] for path in tmp_path.glob("gpu_study_*worker*.log")
@@ -536,7 +537,7 @@ def test_speed_path_quick_times_every_way_and_the_cache_build(tmp_path):
         env=environment,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=HANG,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((tmp_path / "speed_path_quick.json").read_text())

@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 import yaml
-from conftest import TINY_STUDENT
+from conftest import HANG, TINY_STUDENT
 from safetensors.torch import load_file
 
 from cskd.cli import main
@@ -121,7 +121,7 @@ def test_min_lr_above_the_scaled_peak_is_refused_in_one_line_and_writes_nothing(
         [sys.executable, "-m", "cskd", "train", *overrides],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG,
     )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from conftest import HANG
 
 from cskd.infra.checkpoint import read_file, save_atomic
 
@@ -28,7 +29,7 @@ def test_a_write_the_file_system_refuses_keeps_the_previous_checkpoint(tmp_path)
         "    print(error)\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=HANG
     )
     assert f"could not write checkpoint {path}: File too large" in result.stdout, result.stderr
     assert torch.equal(read_file(path)["w"], torch.arange(10.0))

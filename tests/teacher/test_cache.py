@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import TINY_TEACHER
+from conftest import HANG, TINY_TEACHER
 from timm.data import Mixup
 
 from cskd.cli import main
@@ -441,7 +441,7 @@ def test_two_ranks_build_the_same_cache_as_one(tiny_run, tmp_path):
         + cache_args(tiny_run, two, **args),
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=HANG,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]

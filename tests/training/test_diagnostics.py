@@ -13,6 +13,7 @@ import sys
 import pytest
 import timm
 import torch
+from conftest import HANG
 
 from cskd.cli import main
 from cskd.method.adapters import DenseStudent
@@ -131,7 +132,7 @@ def test_diagnose_of_a_folder_without_a_run_is_one_line(tmp_path):
         [sys.executable, "-m", "cskd", "diagnose", str(tmp_path)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HANG,
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()

@@ -13,6 +13,7 @@ import numpy
 import pytest
 import timm
 import torch
+from conftest import HANG
 from PIL import Image
 
 from cskd.cli import main
@@ -29,7 +30,7 @@ def cli(*arguments: str, cwd: Path) -> tuple[int, list[str]]:
         cwd=cwd,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG,
     )
     lines = [line for line in result.stderr.splitlines() if line.startswith("cskd ")]
     return result.returncode, lines
@@ -367,7 +368,7 @@ def test_a_vit_teacher_with_cskd_is_one_line(tmp_path, tiny_run, vit_teacher):
             cwd=tmp_path,
             capture_output=True,
             text=True,
-            timeout=300,
+            timeout=HANG,
         )
         .stderr.strip()
         .splitlines()
@@ -389,7 +390,7 @@ def test_train_help_lists_every_key_with_its_default_and_meaning(tmp_path):
         [sys.executable, "-m", "cskd", "train", "--help"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HANG,
     )
     assert result.returncode == 0
     listed = {line.split(" = ")[0].strip() for line in result.stdout.splitlines() if " = " in line}
@@ -416,7 +417,7 @@ def test_cskd_config_prints_the_resolved_recipe(tmp_path):
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HANG,
     )
     assert result.returncode == 0, result.stderr
     import yaml

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import TINY_STUDENT, TINY_TEACHER
+from conftest import HANG, TINY_STUDENT, TINY_TEACHER
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from timm.models import adapt_input_conv
@@ -214,7 +214,7 @@ def _cli(*arguments: str, cwd: Path) -> subprocess.CompletedProcess:
         cwd=cwd,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
 

@@ -14,6 +14,7 @@ import pytest
 import timm
 import torch
 import yaml
+from conftest import HANG
 from photos import photo_folder
 
 from cskd.config import get_value, load_config, to_dict
@@ -307,7 +308,7 @@ def test_exponent_floats_are_read_as_floats():
 def test_missing_imagenet_folder_is_one_clear_line(tmp_path):
     command = [sys.executable, "-m", "cskd", "train", "--config"]
     command += [str(IMAGENET / "deit_small_cskd.yaml"), "data.root=/nonexistent"]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=HANG)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr

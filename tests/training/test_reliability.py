@@ -43,7 +43,9 @@ WRAPPER = r'''
 KILL_AT=<file name>:<n>:<phase>: at the n-th atomic write of that file, die before writing
 anything (phase "before") or after writing half its bytes to the temporary file and syncing them
 (phase "mid"), which is what a kill or a power cut during the write leaves on disk.
-SLOW_STEP=<seconds>: sleep that long after every training step.
+HOLD_AT=<n>:<path>: before the n-th training step of this process, wait for as long as the file
+at <path> exists (the test deletes it to let the run go on). The run is then held at a known
+step for as long as the test needs, however slow the machine: no sleep decides an outcome.
 """
 import io
 import os
@@ -80,18 +82,21 @@ def planned_atomic_write(path, write):
 
 
 checkpoint.atomic_write = planned_atomic_write
-pause = float(os.environ.get("SLOW_STEP") or 0)
+hold_at, _, hold_path = (os.environ.get("HOLD_AT") or "0:").partition(":")
+steps = 0
 step = engine.Trainer.step
 
 
-def slow_step(self, batch, state):
-    parts = step(self, batch, state)
-    time.sleep(pause)
-    return parts
+def held_step(self, batch, state):
+    global steps
+    steps += 1
+    while steps == int(hold_at) and os.path.exists(hold_path):
+        time.sleep(0.01)  # signals land here too, as they would in a long step
+    return step(self, batch, state)
 
 
-if pause:
-    engine.Trainer.step = slow_step
+if int(hold_at):
+    engine.Trainer.step = held_step
 sys.exit(cli.main(sys.argv[1:]))
 '''
 
@@ -117,11 +122,18 @@ TIMINGS = ("images_per_s", "epoch_time_s")
 # ---------------------------------------------------------------------------------- helpers
 
 
-def start(run_dir: Path, teacher: str, *, kill: str = "", slow: float = 0.0, **extra):
-    """A ``cskd train`` subprocess of the reliability run (through WRAPPER) writing to run_dir."""
+HANG = 900  # seconds: a guard against a hang only, far beyond any machine's time for a run
+
+
+def start(run_dir: Path, teacher: str, *, kill: str = "", hold_at: int = 0, **extra):
+    """A ``cskd train`` subprocess of the reliability run (through WRAPPER) writing to run_dir.
+    ``hold_at=n``: it stops before its n-th step until :func:`release` (``hold_path``)."""
     wrapper = run_dir.parent / "kill_wrapper.py"
     wrapper.write_text(WRAPPER)
-    env = dict(os.environ, KILL_AT=kill, SLOW_STEP=str(slow), OMP_NUM_THREADS="1")
+    hold = hold_path(run_dir)
+    if hold_at:
+        hold.touch()
+    env = dict(os.environ, KILL_AT=kill, HOLD_AT=f"{hold_at}:{hold}", OMP_NUM_THREADS="1")
     overrides = tiny_overrides(run_dir, teacher, **{**RUN, **extra})
     return subprocess.Popen(
         [sys.executable, str(wrapper), "train", *overrides],
@@ -133,9 +145,19 @@ def start(run_dir: Path, teacher: str, *, kill: str = "", slow: float = 0.0, **e
     )
 
 
+def hold_path(run_dir: Path) -> Path:
+    """The file whose existence holds a run started with ``hold_at`` (beside its directory)."""
+    return run_dir.parent / f"{run_dir.name}.hold"
+
+
+def release(run_dir: Path) -> None:
+    """Let a held run go on."""
+    hold_path(run_dir).unlink(missing_ok=True)
+
+
 def run(run_dir: Path, teacher: str, **options) -> subprocess.CompletedProcess:
     process = start(run_dir, teacher, **options)
-    out, err = process.communicate(timeout=120)
+    out, err = process.communicate(timeout=HANG)
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
@@ -156,7 +178,8 @@ def logged_steps(run_dir: Path) -> list[int]:
 
 
 def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 120
+    """Wait until ``step`` is logged (the caller holds the run after it, so it cannot end)."""
+    deadline = time.monotonic() + HANG
     while time.monotonic() < deadline:
         path = run_dir / "metrics.jsonl"
         if path.exists() and any(s >= step for s in _complete_steps(path)):
@@ -248,10 +271,11 @@ def test_sigkill_at_any_moment_then_resume_ends_exactly_like_the_uninterrupted_r
     assert read_checkpoint(run_dir / "best.pt")["state"]["epoch"] == 1
 
     # 3. killed from outside while training, at whatever moment the signal lands
-    process = start(run_dir, teacher_checkpoint, slow=0.1, **resume)
+    #    (between step 7 and the hold before step 11: it cannot have finished)
+    process = start(run_dir, teacher_checkpoint, hold_at=11, **resume)
     wait_for_step(run_dir, 7, process)
     process.kill()
-    process.communicate(timeout=60)
+    process.communicate(timeout=HANG)
     assert process.returncode == -signal.SIGKILL
     assert not (run_dir / "student.safetensors").exists()
 
@@ -276,10 +300,11 @@ def test_sigterm_saves_at_the_next_step_boundary_exits_0_and_resume_continues(
     run_dir = tmp_path / "run"
     # one loader worker: the signal goes to the whole process group, as a scheduler (or a
     # terminal's Ctrl-C) sends it
-    process = start(run_dir, teacher_checkpoint, slow=0.3, **{"data.workers": 1})
+    process = start(run_dir, teacher_checkpoint, hold_at=3, **{"data.workers": 1})
     wait_for_step(run_dir, 2, process)
     os.killpg(process.pid, signum)
-    _, err = process.communicate(timeout=120)
+    release(run_dir)
+    _, err = process.communicate(timeout=HANG)
     assert process.returncode == 0, err
     assert "stop requested: saved" in err
     stopped_at = read_checkpoint(run_dir / "last.pt")["state"]["global_step"]
@@ -300,10 +325,11 @@ def test_resume_after_the_training_set_grew_follows_the_new_schedule_and_says_so
     the schedule of the new length (as an uninterrupted run on that set has it), and the
     resumed run names every setting that changed, never silently."""
     run_dir = tmp_path / "run"
-    process = start(run_dir, teacher_checkpoint, slow=0.3)
+    process = start(run_dir, teacher_checkpoint, hold_at=3)
     wait_for_step(run_dir, 2, process)
     os.killpg(process.pid, signal.SIGTERM)
-    _, err = process.communicate(timeout=120)
+    release(run_dir)
+    _, err = process.communicate(timeout=HANG)
     assert process.returncode == 0, err
     stopped = read_checkpoint(run_dir / "last.pt")["state"]
     assert stopped["epoch"] == 0 and stopped["global_step"] < 4  # stopped in the first epoch
@@ -335,15 +361,16 @@ def test_a_second_run_on_a_live_run_directory_is_refused_and_a_dead_one_is_taken
     tmp_path, teacher_checkpoint, reference
 ):
     run_dir = tmp_path / "run"
-    first = start(run_dir, teacher_checkpoint, slow=1.0)  # about 12 s of steps
+    first = start(run_dir, teacher_checkpoint, hold_at=2)  # held until both are refused
     wait_for_step(run_dir, 1, first)
     for second in ({"train.resume": "auto"}, {"train.overwrite": True}):
         refused = run(run_dir, teacher_checkpoint, **second)
-        assert first.poll() is None, "the first run ended before the second was tried"
+        assert first.poll() is None, first.communicate()[1][-2000:]
         assert refused.returncode == 2, refused.stderr[-2000:]
         line = _one_error_line(refused.stderr)
         assert f"in use by a live run (process {first.pid} on " in line, line
-    _, err = first.communicate(timeout=120)
+    release(run_dir)
+    _, err = first.communicate(timeout=HANG)
     assert first.returncode == 0, err
     assert logged_steps(run_dir) == list(range(1, STEPS + 1))  # no second writer's lines
     assert_same_run(run_dir, reference)
@@ -351,10 +378,11 @@ def test_a_second_run_on_a_live_run_directory_is_refused_and_a_dead_one_is_taken
 
     # a run killed outright leaves its lock; the next run reports it and takes it over
     killed_dir = tmp_path / "killed"
-    process = start(killed_dir, teacher_checkpoint, slow=0.3)
+    process = start(killed_dir, teacher_checkpoint, hold_at=3)
     wait_for_step(killed_dir, 2, process)
     process.kill()
-    process.communicate(timeout=60)
+    process.communicate(timeout=HANG)
+    release(killed_dir)
     assert (killed_dir / ".cskd.lock").exists()
     resumed = run(killed_dir, teacher_checkpoint, **{"train.resume": "auto"})
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -401,12 +429,13 @@ def test_a_loader_worker_killed_mid_run_ends_the_run_in_one_line_and_it_resumes(
     """What the kernel's OOM killer does to a loader worker: the run must exit (no hang), say
     in one line what happened and what to change, and keep last.pt to resume from."""
     run_dir = tmp_path / "run"
-    process = start(run_dir, teacher_checkpoint, slow=0.5, **{"data.workers": 2})
+    process = start(run_dir, teacher_checkpoint, hold_at=3, **{"data.workers": 2})
     wait_for_step(run_dir, 2, process)
     workers = _children(process.pid)
     assert len(workers) >= 2, workers
     os.kill(workers[0], signal.SIGKILL)
-    _, err = process.communicate(timeout=120)  # a hang fails here
+    release(run_dir)
+    _, err = process.communicate(timeout=HANG)  # a hang fails here
     assert process.returncode == 2, err[-3000:]
     line = _one_error_line(err)
     assert "a data-loading worker died" in line and "data.workers" in line, line
@@ -446,7 +475,6 @@ def test_a_corrupt_image_the_preflight_did_not_sample_is_one_line_from_a_worker(
         "data.workers": 2,
         "augment.repeated_aug": False,
     }
-    started = time.monotonic()
     assert main(["train", *tiny_run(**overrides)]) == 2
     err = capsys.readouterr().err
     assert "2 train images checked" in err  # the pre-flight's sample missed the file
@@ -455,7 +483,6 @@ def test_a_corrupt_image_the_preflight_did_not_sample_is_one_line_from_a_worker(
     line = lines[0]
     assert str(corrupt) in line and "data.skip_corrupt=true" in line, line
     assert "Traceback" not in line and "worker" not in line.split(str(corrupt))[0], line
-    assert time.monotonic() - started < 120
 
 
 # ---------------------------------------------------------------------------------- failures
