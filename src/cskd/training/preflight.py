@@ -12,7 +12,8 @@ unknown config key, wrong type, out-of-range value            ``config.load_conf
 library-set key inside kwargs (num_classes, in_chans, ...)    ``config.load_config``
 unknown timm model name, unknown model keyword argument       :func:`check_models`
 cskd student with no patch grid or final map (XCiT, PiT)       :func:`check_models`
-output directory holding another run (no resume/overwrite)    ``training.state.prepare_run_dir``
+output directory holding another run (no resume/overwrite)    ``training.rundir.prepare_run_dir``
+empty output directory, or one that is or holds an input      ``training.rundir.check_output_dir``
 missing or empty data directory                               :func:`check_data_source`
 class folders that differ between train and val               ``data.check_class_folders``
 data.num_classes unlike the data's classes                    ``data.build_datasets``

@@ -45,7 +45,8 @@ from .engine import Trainer
 from .evaluation import EpochEvaluation, epoch_line, rule_top1, update_best
 from .models import build_student, build_teacher, place_teacher
 from .outputs import write_final_outputs
-from .state import Checkpoints, TrainState, claimed_run_dir, resume_path, resume_run
+from .rundir import RunDirectory, check_output_dir, claimed_run_dir
+from .state import Checkpoints, TrainState, resume_path, resume_run
 
 log = logging.getLogger("cskd")
 
@@ -87,11 +88,12 @@ def train(config: Config) -> dict:
         lr = check_lr_schedule(config.optim, global_batch)
         preflight.check_models(config)  # names and kwargs, on the meta device: before any writing
         distributed.together(preflight.check_data_source, config.data)
+        check_output_dir(config)
         with (
             StopRequest() as stop,
-            claimed_run_dir(config.train, is_main=info.is_main) as run_dir,
+            claimed_run_dir(config.train, is_main=info.is_main) as run,
         ):
-            final = _train(config, info, stop, run_dir=run_dir, global_batch=global_batch, lr=lr)
+            final = _train(config, info, stop, run=run, global_batch=global_batch, lr=lr)
     except Exception as caught:
         error = worker_failure(caught) or memory_failure(caught, config) or caught
         if info.enabled:  # torchrun interleaves the ranks' output: say which rank this is
@@ -128,10 +130,11 @@ def _train(
     info: distributed.DistributedInfo,
     stop: StopRequest,
     *,
-    run_dir: Path,
+    run: RunDirectory,
     global_batch: int,
     lr: float,
 ) -> dict:
+    run_dir = run.path
     setup_logging(rank=info.rank, log_file=run_dir / "train.log")
     device = info.device
     seed_everything(config.train.seed)  # the same initial weights (and EMA) on every rank
@@ -183,6 +186,7 @@ def _train(
         # one compile, for the training batch (with a cache the teacher serves only the
         # pre-flight and diagnostics: not compiled)
         teacher.compile(backend=config.train.compile_backend)
+    run.clear_previous(is_main=info.is_main)  # every input is read: the old run may go
     state = resume_run(
         config,
         run_dir,

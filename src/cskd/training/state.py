@@ -1,13 +1,10 @@
-"""A run's saved state: the run directory, checkpoint contents, random streams and resume."""
+"""A run's saved state: checkpoint contents, random streams and resume (the run directory:
+:mod:`cskd.training.rundir`)."""
 
 from __future__ import annotations
 
 import logging
 import random
-import shutil
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,8 +15,7 @@ from ..config import Config, TrainConfig, to_dict
 from ..data.sampling import resume_step, sample_seed
 from ..errors import CheckpointError, ConfigError
 from ..infra import distributed
-from ..infra.checkpoint import read_file, remove_stale_temporaries, save_atomic
-from ..infra.runlock import LOCK_NAME, RunLock
+from ..infra.checkpoint import read_file, save_atomic
 from ..infra.runlog import truncate_after
 from . import preflight
 from .build import seed_everything
@@ -27,69 +23,6 @@ from .build import seed_everything
 log = logging.getLogger("cskd")
 
 CHECKPOINT_KEYS = ("student", "optimizer", "scheduler", "state", "rng", "config")
-
-
-RESULTS = ("last.pt", "best.pt", "student.safetensors", "final_metrics.json")  # a run's results
-
-
-def prepare_run_dir(train: TrainConfig, *, is_main: bool, lock: RunLock | None = None) -> Path:
-    """Create the run directory and take its ``lock`` (rank 0); refuse a directory that holds
-    another run unless resuming or overwriting, one a live run is writing, and an output path
-    that cannot be a directory. Overwriting keeps the lock. Taking over a dead run's lock is
-    said on stderr and appended to the directory's ``train.log``."""
-    run_dir = Path(train.output_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(
-            f"train.output_dir {run_dir} is a file, not a directory: choose another "
-            "train.output_dir"
-        )
-    # a run that never reached a checkpoint (died at step 1, say) holds nothing to lose
-    holds_run = any((run_dir / name).exists() for name in RESULTS)
-    if holds_run and not train.resume and not train.overwrite:
-        raise ConfigError(
-            f"train.output_dir {run_dir} already holds a run: pass train.resume=auto to continue "
-            "it, train.overwrite=true to replace it, or choose another train.output_dir"
-        )
-    if is_main:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as error:  # read-only, no permission, a file on the path
-            raise ConfigError(
-                f"cannot create train.output_dir {run_dir} ({error.strerror}): choose a "
-                "directory you can write to"
-            ) from None
-        if lock is not None:
-            lock.acquire()
-        if holds_run and train.overwrite and not train.resume:
-            for entry in run_dir.iterdir():
-                if entry.name != LOCK_NAME:
-                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-        remove_stale_temporaries(run_dir)  # of checkpoint writes a kill interrupted
-        if lock is not None and lock.taken_over:  # said before train.log is attached: keep it
-            with open(run_dir / "train.log", "a") as file:
-                file.write(f"{time.strftime('%H:%M:%S')} {lock.taken_over}\n")
-    return run_dir
-
-
-@contextmanager
-def claimed_run_dir(train: TrainConfig, *, is_main: bool) -> Iterator[Path]:
-    """The run directory (:func:`prepare_run_dir`), locked for this run while the block runs
-    (:class:`~cskd.infra.runlock.RunLock`, rank 0). A run that fails before saving anything
-    removes the directory it created, so a failed command leaves nothing behind."""
-    run_dir = Path(train.output_dir)
-    created = not run_dir.exists()
-    lock = RunLock(run_dir) if is_main else None
-    distributed.together(prepare_run_dir, train, is_main=is_main, lock=lock)
-    try:
-        yield run_dir
-    except BaseException:
-        if is_main and created and not any((run_dir / name).exists() for name in RESULTS):
-            lock.release()
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def rng_state() -> dict:
