@@ -113,9 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "train":
-            from .training.run import train
+            from .training.run import RunStopped, train
 
-            train(_recipe_config(args))
+            try:
+                train(_recipe_config(args))
+            except RunStopped as stopped:
+                print(f"cskd train: error: {stopped}", file=sys.stderr)
+                return 128 + stopped.signum
         elif args.command == "cache":
             from .commands.cache import build_cache
 

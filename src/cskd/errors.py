@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteError(FloatingPointError):
+    """Weights or teacher outputs became NaN or infinite during training; the message names
+    the step, what is not finite and which checkpoint holds the run."""
+
+
+class NonFiniteLossError(NonFiniteError):
     """The loss became NaN or infinite; the message names the step and the loss parts."""
 
 
@@ -47,7 +52,7 @@ USER_ERRORS = (
     CheckpointError,
     TeacherError,
     GridError,
-    NonFiniteLossError,
+    NonFiniteError,
     DistributedError,
     ResourceError,
 )

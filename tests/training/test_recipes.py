@@ -20,8 +20,8 @@ from photos import photo_folder
 from cskd.config import get_value, load_config, to_dict
 from cskd.errors import ConfigError
 from cskd.method.adapters import DenseStudent, DenseTeacher
-from cskd.method.distiller import Distiller
 from cskd.training.build import amp_dtype, check_lr_schedule, scaled_lr
+from cskd.training.engine import Trainer
 from cskd.training.models import build_student, build_teacher, teacher_amp_dtype
 from cskd.training.run import train
 from cskd.training.state import read_checkpoint
@@ -366,18 +366,18 @@ def shrunken(output_dir: Path, teacher_checkpoint: str, photo_root: Path) -> lis
 
 
 def track_training_steps(monkeypatch) -> list:
-    """A list that is non-empty exactly while a training step's ``Distiller.forward`` runs."""
+    """A list that is non-empty exactly while a training step (``Trainer.step``) runs."""
     in_step: list = []
-    distiller_forward = Distiller.forward
+    trainer_step = Trainer.step
 
-    def spy_distiller(self, *args, **kwargs):
+    def spy_step(self, *args, **kwargs):
         in_step.append(True)
         try:
-            return distiller_forward(self, *args, **kwargs)
+            return trainer_step(self, *args, **kwargs)
         finally:
             in_step.pop()
 
-    monkeypatch.setattr(Distiller, "forward", spy_distiller)
+    monkeypatch.setattr(Trainer, "step", spy_step)
     return in_step
 
 

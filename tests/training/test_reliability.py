@@ -90,6 +90,8 @@ step = engine.Trainer.step
 def held_step(self, batch, state):
     global steps
     steps += 1
+    if steps == int(hold_at) and os.path.exists(hold_path):
+        open(hold_path + ".reached", "w").close()  # tells the test that it is held now
     while steps == int(hold_at) and os.path.exists(hold_path):
         time.sleep(0.01)  # signals land here too, as they would in a long step
     return step(self, batch, state)
@@ -293,20 +295,51 @@ def test_sigkill_at_any_moment_then_resume_ends_exactly_like_the_uninterrupted_r
     assert_same_run(run_dir, reference)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
-def test_sigterm_saves_at_the_next_step_boundary_exits_0_and_resume_continues(
+def wait_for_file(path: Path, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + HANG
+    while not path.exists():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def wait_until_held(run_dir: Path, process: subprocess.Popen) -> None:
+    """Wait until a run started with ``hold_at`` is held (everything before that step, its
+    checkpoint included, is done)."""
+    wait_for_file(Path(f"{hold_path(run_dir)}.reached"), process)
+
+
+def wait_for_log(run_dir: Path, text: str, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + HANG
+    log = run_dir / "train.log"
+    while not (log.exists() and text in log.read_text()):
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"{text!r} never logged"
+        time.sleep(0.02)
+
+
+STOP_SIGNALS = [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP]
+
+
+@pytest.mark.parametrize("signum", STOP_SIGNALS, ids=lambda s: signal.Signals(s).name)
+def test_a_stop_signal_saves_at_the_next_step_boundary_exits_128_plus_it_and_resume_continues(
     tmp_path, teacher_checkpoint, reference, signum
 ):
+    """SIGTERM (schedulers), Ctrl-C, SIGUSR1 (SLURM's --signal) and SIGHUP (a closed terminal):
+    the run saves, then exits 128 + the signal, so that a scheduler never takes an unfinished
+    run for a finished one."""
     run_dir = tmp_path / "run"
     # one loader worker: the signal goes to the whole process group, as a scheduler (or a
     # terminal's Ctrl-C) sends it
     process = start(run_dir, teacher_checkpoint, hold_at=3, **{"data.workers": 1})
-    wait_for_step(run_dir, 2, process)
+    wait_until_held(run_dir, process)
     os.killpg(process.pid, signum)
     release(run_dir)
     _, err = process.communicate(timeout=HANG)
-    assert process.returncode == 0, err
+    assert process.returncode == 128 + signum, err[-3000:]
     assert "stop requested: saved" in err
+    line = _one_error_line(err)
+    assert f"stopped by {signal.Signals(signum).name}" in line and "train.resume=auto" in line
     stopped_at = read_checkpoint(run_dir / "last.pt")["state"]["global_step"]
     assert 2 <= stopped_at < STEPS
     assert logged_steps(run_dir)[-1] == stopped_at, "a step ran after the save, or was lost"
@@ -330,7 +363,7 @@ def test_resume_after_the_training_set_grew_follows_the_new_schedule_and_says_so
     os.killpg(process.pid, signal.SIGTERM)
     release(run_dir)
     _, err = process.communicate(timeout=HANG)
-    assert process.returncode == 0, err
+    assert process.returncode == 128 + signal.SIGTERM, err
     stopped = read_checkpoint(run_dir / "last.pt")["state"]
     assert stopped["epoch"] == 0 and stopped["global_step"] < 4  # stopped in the first epoch
 
@@ -349,6 +382,57 @@ def test_resume_after_the_training_set_grew_follows_the_new_schedule_and_says_so
     for epoch in (1, 2):  # wholly after the resume: the same positions of the same schedule
         assert rates(run_dir, epoch) == rates(tmp_path / "grown", epoch), epoch
     assert len(rates(run_dir, 2)) == 8
+
+
+def test_a_second_signal_ends_the_run_at_once(tmp_path, teacher_checkpoint):
+    run_dir = tmp_path / "run"
+    # never released: a stuck step; with a loader worker, which must not outlive the run
+    process = start(run_dir, teacher_checkpoint, hold_at=3, **{"data.workers": 1})
+    wait_until_held(run_dir, process)  # so that the first signal finds it inside a step
+    workers = _children(process.pid)
+    assert workers
+    os.kill(process.pid, signal.SIGTERM)
+    wait_for_log(run_dir, "SIGTERM: saving last.pt at the next step boundary", process)
+    os.kill(process.pid, signal.SIGTERM)
+    _, err = process.communicate(timeout=HANG)  # a run that waited for the step hangs here
+    assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
+    line = _one_error_line(err)
+    assert "stopped at once by a second SIGTERM" in line, line
+    assert f"{run_dir / 'last.pt'} holds step 2" in line, line
+    assert read_checkpoint(run_dir / "last.pt")["state"]["global_step"] == 2
+    assert not (run_dir / ".cskd.lock").exists()
+    for pid in workers:  # ended, not orphaned (a zombie until init reaps it is ended)
+        stat = Path(f"/proc/{pid}/stat")
+        assert not stat.exists() or stat.read_text().split(")")[1].split()[0] == "Z", pid
+
+
+def test_a_signal_before_the_first_step_ends_the_run_at_once_and_leaves_nothing(
+    tmp_path, teacher_checkpoint
+):
+    run_dir = tmp_path / "run"
+    process = start(run_dir, teacher_checkpoint, hold_at=1)  # held before its first step
+    wait_until_held(run_dir, process)
+    os.kill(process.pid, signal.SIGTERM)
+    _, err = process.communicate(timeout=HANG)
+    assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
+    line = _one_error_line(err)
+    assert "stopped by SIGTERM before the first step" in line, line
+    assert not run_dir.exists(), list(run_dir.iterdir())  # it made the directory: it goes
+
+
+def test_a_signal_while_the_loader_is_stuck_on_a_file_ends_the_run(tmp_path, teacher_checkpoint):
+    """A file that never answers (a FIFO; a hung network mount behaves alike) blocks the
+    pre-flight's image scan in a thread: SIGTERM still ends the process, at once."""
+    root = _image_folder(tmp_path / "images", classes=4, per_class=4)
+    os.mkfifo(root / "train" / "class_0" / "stuck.png")
+    run_dir = tmp_path / "run"
+    folder = {"data.dataset": "folder", "data.root": root}
+    process = start(run_dir, teacher_checkpoint, **folder, **{"augment.repeated_aug": False})
+    wait_for_log(run_dir, "checking", process)  # the scan has started (and blocks)
+    os.kill(process.pid, signal.SIGTERM)
+    _, err = process.communicate(timeout=HANG)
+    assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "stopped by SIGTERM before the first step" in _one_error_line(err)
 
 
 def _one_error_line(stderr: str) -> str:
@@ -430,7 +514,7 @@ def test_a_loader_worker_killed_mid_run_ends_the_run_in_one_line_and_it_resumes(
     in one line what happened and what to change, and keep last.pt to resume from."""
     run_dir = tmp_path / "run"
     process = start(run_dir, teacher_checkpoint, hold_at=3, **{"data.workers": 2})
-    wait_for_step(run_dir, 2, process)
+    wait_until_held(run_dir, process)  # step 2's checkpoint is written (its log line: before)
     workers = _children(process.pid)
     assert len(workers) >= 2, workers
     os.kill(workers[0], signal.SIGKILL)
@@ -709,15 +793,14 @@ def test_no_shell_anywhere_and_config_paths_are_taken_literally(
 
     monkeypatch.chdir(tmp_path)
     odd = "$(touch pwned)`touch pwned2`~"
-    overrides = tiny_run(
-        **{"train.output_dir": str(tmp_path / odd), "teacher.checkpoint": f"{odd}/t.pth"}
-    )
+    run_dir = tmp_path / "runs" / odd
+    overrides = tiny_run(**{"train.output_dir": str(run_dir), "teacher.checkpoint": f"{odd}/t.pth"})
     assert main(["train", *overrides]) == 2
     assert f"checkpoint {odd}/t.pth does not exist" in _error_line(capsys)
-    assert not (tmp_path / odd).exists(), "a failed run left its new directory behind"
-    overrides = tiny_run(**{"train.output_dir": str(tmp_path / odd), "optim.epochs": 1})
+    assert not run_dir.exists(), "a failed run left its new directory behind"
+    overrides = tiny_run(**{"train.output_dir": str(run_dir), "optim.epochs": 1})
     assert main(["train", *overrides, "optim.warmup_epochs=0"]) == 0
-    assert (tmp_path / odd / "last.pt").is_file(), "the run did not write under the literal name"
+    assert (run_dir / "last.pt").is_file(), "the run did not write under the literal name"
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "pwned2").exists()
 
 

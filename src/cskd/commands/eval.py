@@ -18,7 +18,13 @@ from ..data.sampling import eval_loader
 from ..errors import CheckpointError, DataError
 from ..infra import distributed
 from ..infra.runlog import setup_logging
-from ..infra.weights import load_adapted, read_export_metadata, read_state_dict, resolve_source
+from ..infra.weights import (
+    check_finite,
+    load_adapted,
+    read_export_metadata,
+    read_state_dict,
+    resolve_source,
+)
 from ..method.adapters import rules_for
 from ..method.distiller import normalizer
 from ..training import preflight
@@ -61,6 +67,8 @@ def read_saved(checkpoint_path: str | Path) -> tuple[Path, dict, dict, dict | No
         "ema": checkpoint.get("ema"),
         "class_names": checkpoint.get("class_names"),
     }
+    for weights in (states["student"], states["ema"] or {}):
+        check_finite(weights, path=path)
     return path, checkpoint["config"], states, None
 
 

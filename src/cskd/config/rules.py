@@ -5,6 +5,7 @@ rules that span several keys (:func:`validate`); ``auto`` inference rules made t
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from ..errors import ConfigError
 from ..method.adapters import INFERENCE_RULES
@@ -34,6 +35,9 @@ def _check_fields(config: Config) -> None:
             choices = item.metadata.get("choices")
             if choices and value not in choices:
                 raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+            numbers = value if isinstance(value, list | tuple) else [value]
+            if any(isinstance(n, float) and not math.isfinite(n) for n in numbers):
+                raise ConfigError(f"{key} must be a finite number, got {value}")
             bound = item.metadata.get("bound")
             if bound:
                 holds, rule = BOUNDS[bound]

@@ -134,14 +134,15 @@ class ShardSampler(Sampler):
 
 
 def _ignore_termination(worker_id: int = 0) -> None:
-    """Loader workers ignore SIGTERM and Ctrl-C: a scheduler (or the terminal) signals the whole
-    process group, and a worker dying would crash the main process before it saves
-    (``train.StopRequest``); the main process ends its workers itself."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """Loader workers ignore the stop signals (SIGTERM, Ctrl-C, SIGUSR1, SIGHUP): a scheduler
+    (or the terminal) signals the whole process group, and a worker dying would crash the main
+    process before it saves (``training.run.StopRequest``); the main process ends its workers
+    itself."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
 
 
-def _kill_loader_workers() -> None:
+def kill_loader_workers() -> None:
     """At exit, SIGKILL the daemonic child processes still alive (the loader workers; the
     interpreter would end them anyway): they ignore SIGTERM, so its own clean-up (SIGTERM, then
     wait) would wait forever when a run ends on an error that left a loader unclosed."""
@@ -152,7 +153,7 @@ def _kill_loader_workers() -> None:
             child.join(timeout=10)
 
 
-atexit.register(_kill_loader_workers)  # runs before multiprocessing's (registered earlier)
+atexit.register(kill_loader_workers)  # runs before multiprocessing's (registered earlier)
 
 
 def worker_failure(error: BaseException) -> Exception | None:

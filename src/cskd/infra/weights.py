@@ -94,10 +94,34 @@ def extract_state_dict(
 
 
 def read_state_dict(path: str | os.PathLike, *, ema: bool = False) -> tuple[dict, Path]:
-    """``(state dict, the file it came from)`` for a weights file or a cskd run directory."""
+    """``(state dict, the file it came from)`` for a weights file or a cskd run directory.
+    :class:`CheckpointError` for a file whose floating-point tensors are not all finite."""
     source = resolve_source(path, ema=ema)
     in_entry = ema and source.name != RUN_EMA_FILES[0]  # student_ema.safetensors is the EMA
-    return extract_state_dict(read_file(source), path=source, ema=in_entry), source
+    state = extract_state_dict(read_file(source), path=source, ema=in_entry)
+    check_finite(state, path=source)
+    return state, source
+
+
+def non_finite(state: dict[str, Any]) -> list[str]:
+    """The names of the floating-point tensors in ``state`` holding NaN or an infinity."""
+    return [
+        name
+        for name, value in state.items()
+        if isinstance(value, torch.Tensor)
+        and value.is_floating_point()
+        and not bool(torch.isfinite(value).all())
+    ]
+
+
+def check_finite(state: dict[str, Any], *, path: str | os.PathLike) -> None:
+    """Refuse weights read from ``path`` that hold NaN or an infinity (a diverged run's), naming
+    the tensors: no model is built, trained or evaluated from them."""
+    if names := non_finite(state):
+        raise CheckpointError(
+            f"{path} holds weights that are not finite (NaN or inf in {_few(names)}): it is "
+            "the output of a diverged run; use an earlier checkpoint or train it again"
+        )
 
 
 def timm_model(model: torch.nn.Module) -> torch.nn.Module:

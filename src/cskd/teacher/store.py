@@ -338,5 +338,13 @@ def open_cache(path: str | os.PathLike, *, expected: dict | None = None) -> Teac
                     f"teacher cache {directory}: {shard_name(shard)} {key} is {found}, the header "
                     f"says {shape}: rebuild the cache"
                 )
+        stored = arrays["logits" if not topk else "values"]
+        if not np.isfinite(stored).all():  # read once anyway, for its digest
+            file = directory / f"{shard_name(shard)}-{'logits' if not topk else 'values'}.npy"
+            raise CacheError(
+                f"teacher cache file {file} holds logits that are not finite (NaN or inf): its "
+                "teacher diverged or overflowed float16; rebuild the cache from a sound teacher "
+                "(teacher.cache_dtype=float32 if it overflowed)"
+            )
         shards.append(arrays)
     return TeacherCache(path=directory, header=header, shards=shards)

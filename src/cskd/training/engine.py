@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import NonFiniteLossError
+from ..errors import NonFiniteError, NonFiniteLossError
 from ..infra.distributed import all_reduce_sum
+from ..infra.weights import non_finite
 from ..method.adapters import TeacherOutput
 from ..method.distiller import Distiller
 from ..method.schedules import training_progress
@@ -46,6 +47,7 @@ class Trainer:
     clip_grad: float = 0.0
     student_norm: tuple[torch.Tensor, torch.Tensor] | None = None
     cached_teacher: CachedTeacher | None = None  # teacher targets from a cache (teacher.cache)
+    teacher_source: str = "the teacher"  # how an error names it (its name and file)
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -83,15 +85,27 @@ class Trainer:
         )
         images, targets, teacher_output = self.prepare(batch)
         with self.autocast():
+            if teacher_output is None:
+                teacher_output = self.online_teacher(images)
             loss, parts = self.distiller(images, targets, progress, teacher_output)
-        # summed over ranks: a non-finite loss on any rank stops every rank at this same step
-        if not math.isfinite(all_reduce_sum(loss.detach().float().reshape(1).clone()).item()):
+        # one sync, summed over ranks: the loss, and the teacher's non-finite outputs (hard
+        # targets would take argmax(NaN) = class 0 and train on, with a finite loss)
+        bad = teacher_non_finite(teacher_output, device=loss.device)
+        checks = torch.stack([loss.detach().float(), bad])
+        loss_sum, teacher_bad = all_reduce_sum(checks).tolist()
+        where = f"at step {state.global_step + 1} (epoch {state.epoch})"
+        if not math.isfinite(loss_sum):
             shown = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
-            where = "" if not math.isfinite(loss.item()) else " (on another rank)"
+            other = "" if not math.isfinite(loss.item()) else " (on another rank)"
+            teacher_too = "; the teacher's outputs too (NaN or inf in the images?)"
             raise NonFiniteLossError(
-                f"non-finite loss{where} at step {state.global_step + 1} (epoch {state.epoch}): "
-                f"{shown}; the last checkpoint is untouched (lower optim.lr, set optim.clip_grad "
-                "or use bf16)"
+                f"non-finite loss{other} {where}: {shown}{teacher_too if teacher_bad else ''} "
+                "(lower optim.lr, set optim.clip_grad or use bf16)"
+            )
+        if teacher_bad:
+            raise NonFiniteError(
+                f"{self.teacher_source} gave outputs that are not finite {where}: its weights "
+                "hold NaN or inf, or its logits overflow float16 (use train.amp=bf16 or none)"
             )
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
@@ -117,6 +131,34 @@ class Trainer:
         )
         parts["progress"] = progress
         return parts
+
+    def online_teacher(self, images: torch.Tensor) -> TeacherOutput | None:
+        """The frozen teacher's output for the batch the student sees (in the teacher's own
+        normalisation), or None without a teacher (``distill.method=none``)."""
+        teacher = self.distiller.teacher
+        if teacher is None or self.distiller.weights.method == "none":
+            return None
+        mean, std = self.distiller.student_mean, self.distiller.student_std
+        return teacher(teacher.renormalize(images, mean=mean, std=std))
+
+    def weights_finite(self) -> bool:
+        """Whether every weight of the student (and its EMA) is finite: one pass over them,
+        run at each log interval and before every save."""
+        modules = [unwrap(self.distiller.student)]
+        if self.ema is not None:
+            modules.append(self.ema.module)
+        return not any(non_finite(module.state_dict()) for module in modules)
+
+
+def teacher_non_finite(output: TeacherOutput | None, *, device: torch.device) -> torch.Tensor:
+    """How many of the teacher's logits (global and dense) are NaN or inf: a 0-d float32
+    tensor on ``device``, computed without a sync."""
+    if output is None:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    count = (~torch.isfinite(output.global_logits)).sum()
+    if output.dense_logits is not None:
+        count = count + (~torch.isfinite(output.dense_logits)).sum()
+    return count.float()
 
 
 def unwrap(module: nn.Module) -> nn.Module:

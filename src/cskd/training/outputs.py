@@ -9,8 +9,9 @@ import logging
 from pathlib import Path
 
 from ..config import Config
+from ..errors import NonFiniteError
 from ..infra.checkpoint import save_safetensors_atomic
-from ..infra.weights import export_metadata
+from ..infra.weights import export_metadata, non_finite
 from .state import TrainState
 
 log = logging.getLogger("cskd")
@@ -29,6 +30,11 @@ def write_final_outputs(
 ) -> None:
     """``student.safetensors`` (and the EMA's), each describing itself
     (:func:`export_description`), ``final_metrics.json`` and the summary line."""
+    for weights in (student.state_dict(), ema.module.state_dict() if ema is not None else {}):
+        if names := non_finite(weights):
+            raise NonFiniteError(
+                f"the trained weights are not finite ({', '.join(names[:3])}): nothing exported"
+            )
     metadata = export_description(config, classes)
     save_safetensors_atomic(
         student.state_dict(), run_dir / "student.safetensors", metadata=metadata

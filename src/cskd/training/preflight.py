@@ -289,6 +289,7 @@ def check_images(
     limit = SCAN_LIMIT if limit is None else limit
     if len(paths) > limit:
         paths = [paths[i] for i in torch.linspace(0, len(paths) - 1, limit).long().tolist()]
+    log.info(f"pre-flight: checking {len(paths)} {split} images")
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         reasons = list(pool.map(_decode_error, paths))
     corrupt = [(path, reason) for path, reason in zip(paths, reasons) if reason is not None]

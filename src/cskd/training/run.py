@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import signal
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +23,8 @@ from tqdm import tqdm
 
 from ..config import Config, dump_config
 from ..data import build_datasets
-from ..data.sampling import EpochSampler, worker_failure
-from ..errors import ResourceError
+from ..data.sampling import EpochSampler, kill_loader_workers, worker_failure
+from ..errors import NonFiniteError, ResourceError
 from ..infra import distributed
 from ..infra.checkpoint import write_text_atomic
 from ..infra.runlog import MetricsWriter, setup_logging
@@ -52,28 +53,64 @@ log = logging.getLogger("cskd")
 
 
 class StopRequest:
-    """Turns SIGTERM (what cluster schedulers send first) and a first Ctrl-C into a save at the
-    next step boundary; a second Ctrl-C interrupts at once."""
+    """Turns a stop signal into a save at the next step boundary, then an exit with status
+    128 + the signal (:class:`RunStopped`): SIGTERM (what schedulers send first), SIGINT
+    (Ctrl-C), SIGUSR1 (SLURM's ``--signal``, ahead of the time limit) and SIGHUP (a closed
+    terminal). A second signal, or a first one before this process's first step has finished
+    (nothing to save yet; the process may be blocked on a file that never answers), ends the
+    process at once: ``on_abort`` (the run directory's clean-up) runs, one line is printed and
+    the process exits without waiting for stuck threads."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
 
     def __init__(self) -> None:
-        self.requested = False
+        self.signum = 0  # the first stop signal received, 0 for none
+        self.armed = False  # a step has finished: a signal now means "save, then stop"
+        self.held_by: Callable[[], str] | None = None  # which checkpoint holds the run
+        self.on_abort: Callable[[], None] | None = None
         self.previous: dict = {}
+        self.pid = os.getpid()
+
+    @property
+    def requested(self) -> bool:
+        return bool(self.signum)
 
     def __enter__(self) -> StopRequest:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in self.SIGNALS:
             self.previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
-        if signum == signal.SIGINT and self.requested:
-            raise KeyboardInterrupt
-        if signum == signal.SIGINT:
-            log.info("Ctrl-C: saving last.pt at the next step boundary (again to stop at once)")
-        self.requested = True
+        if os.getpid() != self.pid:  # a loader worker forked with this handler: rank 0 decides
+            return
+        name = signal.Signals(signum).name
+        if self.armed and not self.signum:
+            self.signum = signum
+            log.info(f"{name}: saving last.pt at the next step boundary (again to stop at once)")
+            return
+        held = self.held_by() if self.held_by is not None else "nothing was saved"
+        if self.signum:
+            what = f"stopped at once by a second {name}; {held}"
+        else:
+            what = f"stopped by {name} before the first step; {held}"
+        if self.on_abort is not None:
+            self.on_abort()
+        print(f"cskd train: error: {what}", file=sys.stderr, flush=True)
+        logging.shutdown()
+        kill_loader_workers()  # they ignore SIGTERM, and os._exit runs no atexit hook
+        os._exit(128 + signum)  # not sys.exit: a thread stuck on a file would block the exit
 
     def __exit__(self, *exc) -> None:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
+
+
+class RunStopped(Exception):
+    """The run stopped on a signal after saving ``last.pt``; the CLI exits 128 + ``signum``."""
+
+    def __init__(self, message: str, *, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 def train(config: Config) -> dict:
@@ -93,7 +130,9 @@ def train(config: Config) -> dict:
             StopRequest() as stop,
             claimed_run_dir(config.train, is_main=info.is_main) as run,
         ):
+            stop.on_abort = run.abandon
             final = _train(config, info, stop, run=run, global_batch=global_batch, lr=lr)
+            stop.on_abort = None
     except Exception as caught:
         error = worker_failure(caught) or memory_failure(caught, config) or caught
         if info.enabled:  # torchrun interleaves the ranks' output: say which rank this is
@@ -105,7 +144,21 @@ def train(config: Config) -> dict:
             raise error from None  # the process exits; torchrun then stops the other ranks
         raise
     distributed.shutdown()
+    if stop.signum:  # saved, but not finished: a scheduler must not take it for finished
+        name = signal.Signals(stop.signum).name
+        raise RunStopped(
+            f"stopped by {name} before the end: {Path(config.train.output_dir) / 'last.pt'} "
+            "holds the run; rerun the same command with train.resume=auto to continue it",
+            signum=stop.signum,
+        )
     return final
+
+
+def teacher_source(config: Config) -> str:
+    """The teacher as an error line names it: its model, and its file or hub tag."""
+    teacher = config.teacher
+    where = teacher.checkpoint or (teacher.pretrained_tag and f"tag {teacher.pretrained_tag}")
+    return f"the teacher {teacher.name}" + (f" ({where})" if where else "")
 
 
 def memory_failure(error: BaseException, config: Config) -> ResourceError | None:
@@ -244,6 +297,7 @@ def _train(
         clip_grad=config.optim.clip_grad,
         student_norm=student_norm,
         cached_teacher=cached_teacher,
+        teacher_source=teacher_source(config),
     )
     evaluation = EpochEvaluation(
         config=config,
@@ -326,8 +380,16 @@ class EpochLoop:
     def run(self, loader, sampler: EpochSampler) -> tuple[dict, dict | None, bool]:
         """Epoch after epoch from ``state``; returns the last evaluation (validation, test or
         None) and whether the run reached its end (False: it stopped on request and
-        ``last.pt`` holds it)."""
+        ``last.pt`` holds it). A non-finite loss, weight or teacher output stops it with
+        :class:`NonFiniteError`, whose line says which checkpoint holds the run."""
+        try:
+            return self._epochs(loader, sampler)
+        except NonFiniteError as error:
+            raise type(error)(f"{error}; {self.checkpoints.intact()}") from None
+
+    def _epochs(self, loader, sampler: EpochSampler) -> tuple[dict, dict | None, bool]:
         config, state = self.config, self.state
+        self.stop.held_by = self.checkpoints.intact
         final: dict = {}
         test: dict | None = None
         epochs, steps_per_epoch = config.optim.epochs, self.trainer.steps_per_epoch
@@ -388,6 +450,7 @@ class EpochLoop:
         )
         for batch in itertools.islice(batches, remaining):
             parts = trainer.step(batch, state)
+            self.stop.armed = True  # from now on a stop signal saves first
             count += 1
             state.epoch_steps += 1
             window_images += batch["image"].shape[0]
@@ -408,6 +471,12 @@ class EpochLoop:
                     **{k: float(v) for k, v in parts.items()},
                 }
                 window_start, window_images = now, 0
+                if not trainer.weights_finite():  # before this step's checkpoint or any export
+                    raise NonFiniteError(
+                        f"the student's weights are not finite after step {state.global_step} "
+                        f"(epoch {state.epoch}; loss {record['loss']:.4g}): lower optim.lr, set "
+                        "optim.clip_grad or use bf16"
+                    )
                 self.writer.write(record)
                 speed = f"{record['images_per_s']:.0f}"
                 bar.set_postfix(

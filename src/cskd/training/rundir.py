@@ -88,6 +88,17 @@ class RunDirectory:
     path: Path
     replaces: bool = False
     log_start: int = 0
+    created: bool = False  # this run made the directory
+    lock: RunLock | None = None  # rank 0's
+
+    def abandon(self) -> None:
+        """A run that fails or is stopped before saving anything: release the lock and remove
+        the directory if this run made it and it holds no results (nothing left behind)."""
+        if self.lock is None:
+            return
+        self.lock.release()
+        if self.created and not any((self.path / name).exists() for name in RESULTS):
+            shutil.rmtree(self.path, ignore_errors=True)
 
     def clear_previous(self, *, is_main: bool) -> None:
         """Delete the previous run's files (the names of :data:`RUN_FILES`, a link as a link)
@@ -164,12 +175,11 @@ def claimed_run_dir(train: TrainConfig, *, is_main: bool) -> Iterator[RunDirecto
     created = not run_dir.exists()
     lock = RunLock(run_dir) if is_main else None
     claimed = distributed.together(prepare_run_dir, train, is_main=is_main, lock=lock)
+    claimed.created, claimed.lock = created, lock
     try:
         yield claimed
     except BaseException:
-        if is_main and created and not any((run_dir / name).exists() for name in RESULTS):
-            lock.release()
-            shutil.rmtree(run_dir, ignore_errors=True)
+        claimed.abandon()
         raise
     finally:
         if lock is not None:

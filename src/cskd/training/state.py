@@ -13,10 +13,11 @@ import torch
 
 from ..config import Config, TrainConfig, to_dict
 from ..data.sampling import resume_step, sample_seed
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, NonFiniteError
 from ..infra import distributed
 from ..infra.checkpoint import read_file, save_atomic
 from ..infra.runlog import truncate_after
+from ..infra.weights import non_finite
 from . import preflight
 from .build import seed_everything
 
@@ -109,7 +110,23 @@ class Checkpoints:
     steps_per_epoch: int
     class_names: list[str]
 
+    def __post_init__(self) -> None:
+        # what each checkpoint file holds, as a global step: a resumed run's last.pt holds where
+        # it resumed from; said when the run stops on a fault (:meth:`intact`)
+        self.saved: dict[str, int] = {}
+        if (self.run_dir / "last.pt").is_file():
+            self.saved["last.pt"] = self.state.global_step
+
+    def intact(self) -> str:
+        """Which checkpoint holds the run, for an error line."""
+        if "last.pt" not in self.saved:
+            return "no checkpoint was written (nothing of this run is saved)"
+        held = f"{self.run_dir / 'last.pt'} holds step {self.saved['last.pt']}"
+        return f"{held}, untouched since (train.resume=auto continues from it)"
+
     def save(self, name: str) -> None:
+        """Write ``name`` (rank 0); :class:`NonFiniteError` instead, before anything is written,
+        when a weight of the student or its EMA is NaN or infinite."""
         if not self.is_main:
             return
         blob = checkpoint_state(
@@ -124,7 +141,13 @@ class Checkpoints:
             steps_per_epoch=self.steps_per_epoch,
             class_names=self.class_names,
         )
+        if non_finite(blob["student"]) or non_finite(blob["ema"] or {}):
+            raise NonFiniteError(
+                f"the student's weights are not finite after step {self.state.global_step}, "
+                f"so {name} was not written (lower optim.lr, set optim.clip_grad or use bf16)"
+            )
         save_atomic(blob, self.run_dir / name)
+        self.saved[name] = self.state.global_step
 
 
 def read_checkpoint(path: str | Path) -> dict:
