@@ -3,7 +3,8 @@
 The public API, importable from ``cskd`` directly (each loaded on first use, so that
 ``import cskd.errors`` or the rank helpers do not load torch and timm):
 
-- running: :func:`load_config`, :func:`train`, :func:`evaluate_checkpoint`, :func:`build_cache`,
+- running: :func:`load_config`, :func:`train` (:class:`RunStopped` when a signal stopped it),
+  :func:`evaluate_checkpoint`, :func:`build_cache`,
   :func:`diagnose_run`, :func:`run_demo`
 - models: :class:`DenseTeacher`, :class:`DenseStudent` (a ViT), :class:`MapStudent` (a
   hierarchical or convolutional student), their base :class:`DistilledStudent`,
@@ -23,6 +24,7 @@ _HOMES = {
     "load_config": "cskd.config",
     "Config": "cskd.config",
     "train": "cskd.training.run",
+    "RunStopped": "cskd.training.run",
     "evaluate_checkpoint": "cskd.commands.eval",
     "build_cache": "cskd.commands.cache",
     "diagnose_run": "cskd.commands.diagnose",
@@ -53,6 +55,7 @@ _HOMES = {
     "CacheError": "cskd.errors",
     "DistributedError": "cskd.errors",
     "GridError": "cskd.errors",
+    "NonFiniteError": "cskd.errors",
     "NonFiniteLossError": "cskd.errors",
     "TeacherError": "cskd.errors",
     "ResourceError": "cskd.errors",

@@ -636,3 +636,16 @@ def test_run_diagnostics_averages_the_recorded_diagnostics_over_seeds(tmp_path, 
     assert "| cskd-linear | 2 | 3 | 0.90 | 55.0 | 10.0 | 40.0 | 31.0 |" in text
     assert "| deit |" not in text and "agree with its global answer at 18.8%" in text
     assert script.main([str(tmp_path / "missing")]) == 2
+
+
+def test_finite_check_quick_measures_both_checks_beside_the_step(tmp_path, one_thread):
+    script = load_script("finite_check")
+    assert script.main(["--quick", "--results-dir", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "finite_check_quick.json").read_text())
+    assert [row["student"] for row in results["rows"]] == list(script.STUDENTS)
+    for row in results["rows"]:
+        assert row["step_s"] > 0 and row["weights_check_s"] > 0 and row["teacher_check_s"] > 0
+    assert (
+        "python benchmarks/finite_check.py --quick"
+        in (tmp_path / "finite_check_quick.md").read_text()
+    )

@@ -175,3 +175,30 @@ def test_teacher_outputs_that_turn_non_finite_mid_run_stop_it_naming_the_teacher
     line = error_line(capsys)
     assert "the teacher resnet18" in line and "not finite at step 2" in line, line
     assert "last.pt holds step 1" in line, line
+
+
+@pytest.mark.parametrize("kwargs", ["{img_size:32, patch_size: 4}", "{img_size: 32, depth: null}"])
+def test_model_kwargs_that_timm_would_drop_silently_are_refused(kwargs):
+    """YAML reads ``{img_size:32}`` (no space after the colon) as the key ``img_size:32`` with
+    the value null, and timm's create_model drops None-valued keyword arguments: the student
+    would silently be built at its default size."""
+    with pytest.raises(ConfigError, match="student.kwargs"):
+        load_config(CONFIGS / "fashion_mnist/cskd.yaml", [f"student.kwargs={kwargs}"])
+
+
+def test_weights_that_diverge_without_nan_are_caught_by_their_outputs(tmp_path, tiny_run, capsys):
+    """optim.lr=1e30: one update leaves weights near 1e28, finite, whose outputs are NaN. A
+    one-step run exited 0 and reported top-1 at chance; a longer one named a checkpoint of
+    those weights as untouched."""
+    one_step = {"optim.lr": 1e30, "optim.epochs": 1, "optim.warmup_epochs": 0}
+    assert main(["train", *tiny_run(**one_step, **{"data.synthetic_size": 8})]) == 2
+    line = error_line(capsys)
+    assert "outputs are not finite" in line and "no checkpoint was written" in line, line
+    run_dir = tmp_path / "run"
+    assert not any((run_dir / name).exists() for name in ("best.pt", "student.safetensors"))
+
+    every_step = {"train.checkpoint_interval": 1, "train.overwrite": True, "optim.epochs": 3}
+    assert main(["train", *tiny_run(**{**one_step, **every_step})]) == 2
+    line = error_line(capsys)
+    assert "non-finite loss at step 2" in line, line
+    assert "last.pt holds step 1, the weights that failed" in line, line

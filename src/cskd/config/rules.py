@@ -165,8 +165,20 @@ RESERVED_KWARGS = {  # (section, key) -> where the value comes from instead
 
 
 def _check_kwargs(section: str, kwargs: dict) -> None:
-    """Refuse model keyword arguments that the library sets itself from other keys."""
-    for key in kwargs:
+    """Refuse model keyword arguments that the library sets itself from other keys, and those
+    timm would drop without a word: a key that is not a name (YAML's ``{img_size:32}``, with no
+    space after the colon, is the key ``img_size:32``) or a null value."""
+    for key, value in kwargs.items():
+        if not str(key).isidentifier():
+            raise ConfigError(
+                f"{section}.kwargs key {key!r} is not a keyword name: write 'name: value' with a "
+                "space after the colon (YAML reads 'img_size:32' as one key)"
+            )
+        if value is None:
+            raise ConfigError(
+                f"{section}.kwargs.{key} is null, and timm would ignore it: give it a value or "
+                "remove it"
+            )
         if (section, key) in RESERVED_KWARGS:
             raise ConfigError(
                 f"{section}.kwargs.{key}: {RESERVED_KWARGS[section, key]}; remove it from "

@@ -15,6 +15,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from ..config import Config
+from ..errors import NonFiniteError
 from ..infra.distributed import all_reduce_sum
 from ..method.adapters import DenseTeacher, combine_heads, rules_for
 from ..method.schedules import training_progress
@@ -151,7 +152,8 @@ def evaluate(
     student.eval()
     mean, std = student_norm
     counts = torch.zeros(len(rules), 2, dtype=torch.float64, device=device)  # (rules, top1/top5)
-    images_seen = torch.zeros((), dtype=torch.float64, device=device)
+    # images seen, and images whose logits (under any rule) hold NaN or inf
+    seen = torch.zeros(2, dtype=torch.float64, device=device)
     autocast = (
         torch.autocast(device_type=device.type, dtype=amp_dtype)
         if amp_dtype is not None
@@ -162,17 +164,25 @@ def evaluate(
         targets = batch["target"].to(device, non_blocking=True)
         with autocast:
             output = student(images, output_grid=(1, 1))
+        broken = torch.zeros(targets.shape[0], dtype=torch.bool, device=device)
         for row, rule in enumerate(rules):
             logits = combine_heads(output, rule).float()
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (N, 5)
             hits = top == targets[:, None]
             counts[row, 0] += hits[:, 0].sum()
             counts[row, 1] += hits.any(dim=1).sum()
-        images_seen += targets.shape[0]
+            broken |= ~torch.isfinite(logits).all(dim=1)
+        seen[0] += targets.shape[0]
+        seen[1] += broken.sum()
     all_reduce_sum(counts)
-    all_reduce_sum(images_seen)
+    all_reduce_sum(seen)
     student.train(was_training)
-    total = max(images_seen.item(), 1.0)
+    total, broken_images = max(seen[0].item(), 1.0), int(seen[1].item())
+    if broken_images:  # a top-1 of NaN logits is a guess (argmax(NaN) is class 0)
+        raise NonFiniteError(
+            f"the student's outputs are not finite on {broken_images} of {int(total)} evaluation "
+            "images: its weights have diverged (lower optim.lr or set optim.clip_grad)"
+        )
     metrics = {
         rule: {
             "top1": 100.0 * counts[row, 0].item() / total,
@@ -180,5 +190,5 @@ def evaluate(
         }
         for row, rule in enumerate(rules)
     }
-    metrics["images"] = int(images_seen.item())
+    metrics["images"] = int(seen[0].item())
     return metrics

@@ -43,12 +43,14 @@ RUN_FILES = (
 
 
 def run_inputs(config: Config) -> dict[str, Path]:
-    """The run's inputs that live in files or folders, by config key (those that are set)."""
-    paths = {
-        "teacher.checkpoint": config.teacher.checkpoint,
-        "teacher.cache": config.teacher.cache,
-        "student.checkpoint": config.student.checkpoint,
-    }
+    """The run's inputs that live in files or folders, by config key (those that are set; the
+    teacher's only when the method uses a teacher)."""
+    paths = {"student.checkpoint": config.student.checkpoint}
+    if config.distill.method != "none":
+        paths |= {
+            "teacher.checkpoint": config.teacher.checkpoint,
+            "teacher.cache": config.teacher.cache,
+        }
     if config.data.dataset == "folder":
         paths["data.root"] = config.data.root
     return {key: Path(value) for key, value in paths.items() if value}

@@ -118,11 +118,23 @@ class Checkpoints:
             self.saved["last.pt"] = self.state.global_step
 
     def intact(self) -> str:
-        """Which checkpoint holds the run, for an error line."""
+        """Which checkpoint holds the run, for the line of a run stopped by a fault: whether
+        ``last.pt`` holds the very weights that failed (saved at the current step), and where
+        ``best.pt`` stands."""
         if "last.pt" not in self.saved:
             return "no checkpoint was written (nothing of this run is saved)"
-        held = f"{self.run_dir / 'last.pt'} holds step {self.saved['last.pt']}"
-        return f"{held}, untouched since (train.resume=auto continues from it)"
+        step = self.saved["last.pt"]
+        held = f"{self.run_dir / 'last.pt'} holds step {step}"
+        if step == self.state.global_step:
+            held += (
+                ", the weights that failed: resuming from it repeats this unless optim.lr is "
+                "lowered"
+            )
+        else:
+            held += ", untouched since (train.resume=auto continues from it)"
+        if "best.pt" in self.saved:
+            held += f"; best.pt holds step {self.saved['best.pt']}"
+        return held
 
     def save(self, name: str) -> None:
         """Write ``name`` (rank 0); :class:`NonFiniteError` instead, before anything is written,
