@@ -320,9 +320,11 @@ def test_a_local_teacher_page_subtracts_the_translated_runs_seed_by_seed():
     }
     lines = script.comparison_lines(here, there, regime)
     assert "its teacher's test top-1 82.39%" in lines[1]
-    deit, cskd = lines[-2:]
+    deit, cskd, gap = lines[-3:]
     assert deit.startswith("| deit (cls+dist): `local-teacher-27` - `translated` | 1 | +1.00 |")
     assert "| 2 | +3.00, +3.50 | +3.25 ± 0.35 |" in cskd
+    # CSKD - DeiT of seed 0: +1.00 here (46 - 45), -1.00 there (43 - 44): +2.00 more
+    assert gap.startswith("| CSKD - DeiT: `local-teacher-27` - `translated` | 1 | +2.00 |")
 
 
 def test_locality_check_passes_a_local_map_and_refuses_the_translated_resnet():
@@ -649,3 +651,71 @@ def test_finite_check_quick_measures_both_checks_beside_the_step(tmp_path, one_t
         "python benchmarks/finite_check.py --quick"
         in (tmp_path / "finite_check_quick.md").read_text()
     )
+
+
+def test_local_recipe_quick_shares_the_local_teacher_trains_under_deit_augmentation_and_compares(
+    tmp_path, one_thread
+):
+    script = load_script("regimes")
+    arguments = ["--regime", "local-recipe", "--quick", "--output-dir", str(tmp_path / "runs")]
+    arguments += ["--results-dir", str(tmp_path), *one_thread]
+    assert script.main(arguments) == 0
+    runs = json.loads((tmp_path / "regime_local_recipe_quick.json").read_text())["runs"]
+    # the teacher is local-teacher-27's bagnet27, trained once in that regime's folder
+    assert (
+        tmp_path / "runs" / "local-teacher-27_quick" / "teacher" / "student.safetensors"
+    ).is_file()
+    assert "student.name=bagnet27" in runs["teacher"]["overrides"]
+    assert "locality" in runs["teacher"]  # the check is measured on this regime's teacher too
+    assert set(runs) >= {
+        "pilot-e1-deit-seed0",
+        "pilot-e2-deit-seed0",
+        "deit-seed0",
+        "cskd-linear-seed0",
+    }
+    for key in ("deit-seed0", "cskd-linear-seed0"):
+        overrides = runs[key]["overrides"]
+        assert set(script.DEIT_AUGMENTATION) <= set(overrides), key
+        assert "teacher.name=bagnet27" in overrides and "data.image_size=64" in overrides
+    page = (tmp_path / "regime_local_recipe_quick.md").read_text()
+    assert "## Prediction (written before the runs)" in page
+    # against local-teacher-27 (no runs there yet in this folder): rows with n = 0
+    assert (
+        "Against the `local-teacher-27` regime (the same students and seeds, without DeiT" in page
+    )
+    assert "| CSKD - DeiT: `local-recipe` - `local-teacher-27` | 0 |" in page
+
+
+def test_recipe_e30_trains_the_seeds_asked_at_30_epochs(tmp_path, one_thread):
+    script = load_script("regimes")
+    assert script.parse_seeds("3,4") == [3, 4] and script.parse_seeds("2") == 2
+    assert script.plan([3, 4], ("deit", "cskd/linear")) == [
+        ("deit", 3),
+        ("cskd/linear", 3),
+        ("deit", 4),
+        ("cskd/linear", 4),
+    ]
+    regime = script.REGIMES["recipe-e30"]
+    assert "optim.epochs=30" in regime.student and set(script.DEIT_AUGMENTATION) <= set(
+        regime.student
+    )
+    assert regime.teacher_regime == "long" and regime.compare_with == "recipe"
+
+
+def test_a_comparison_pairs_seeds_and_the_cskd_deit_gap_only_under_the_same_teacher():
+    script = load_script("regimes")
+    here = _fake_runs([1.0, 2.0, 3.0])  # CSKD - DeiT: +1, +2, +3
+    there = _fake_runs([0.5, 0.5, 0.5], deit=79.0)  # +0.5 each; DeiT 1 point lower
+    for runs, digest in ((here, "a"), (there, "a")):
+        for key, entry in runs["runs"].items():
+            if key != "teacher":
+                entry["teacher_weights_sha256"] = digest
+    there["runs"]["deit-seed2"]["teacher_weights_sha256"] = "b"  # another teacher: seed 2 out
+    regime = script.REGIMES["recipe-e30"]
+    lines = script.comparison_lines(here, there, regime)
+    deit = next(line for line in lines if line.startswith("| deit (cls+dist)"))
+    assert "| 2 | +1.00, +1.00 |" in deit  # seeds 0 and 1 only
+    cskd = next(line for line in lines if line.startswith("| cskd/linear (cls+dist+patch)"))
+    assert "| 3 | +1.50, +2.50, +3.50 |" in cskd  # the CSKD runs of seed 2 share a teacher
+    gap = next(line for line in lines if line.startswith("| CSKD - DeiT:"))
+    assert "| 2 | +0.50, +1.50 | +1.00 ± 0.71 |" in gap  # (1 - 0.5), (2 - 0.5)

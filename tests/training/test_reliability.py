@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import HANG, tiny_overrides
 from safetensors.torch import load_file
 
 import cskd.training.state
@@ -43,8 +43,8 @@ WRAPPER = r'''
 KILL_AT=<file name>:<n>:<phase>: at the n-th atomic write of that file, die before writing
 anything (phase "before") or after writing half its bytes to the temporary file and syncing them
 (phase "mid"), which is what a kill or a power cut during the write leaves on disk.
-HOLD_AT=<n>:<path>: before the n-th training step of this process, wait for as long as the file
-at <path> exists (the test deletes it to let the run go on). The run is then held at a known
+HOLD_AT=<n>:<path>: before global step n (counted over the run, a resumed one included), wait
+for as long as the file at <path> exists (the test deletes it to let the run go on). The run is then held at a known
 step for as long as the test needs, however slow the machine: no sleep decides an outcome.
 """
 import io
@@ -83,16 +83,14 @@ def planned_atomic_write(path, write):
 
 checkpoint.atomic_write = planned_atomic_write
 hold_at, _, hold_path = (os.environ.get("HOLD_AT") or "0:").partition(":")
-steps = 0
 step = engine.Trainer.step
 
 
 def held_step(self, batch, state):
-    global steps
-    steps += 1
-    if steps == int(hold_at) and os.path.exists(hold_path):
+    holding = state.global_step + 1 == int(hold_at)
+    if holding and os.path.exists(hold_path):
         open(hold_path + ".reached", "w").close()  # tells the test that it is held now
-    while steps == int(hold_at) and os.path.exists(hold_path):
+    while holding and os.path.exists(hold_path):
         time.sleep(0.01)  # signals land here too, as they would in a long step
     return step(self, batch, state)
 
@@ -124,15 +122,13 @@ TIMINGS = ("images_per_s", "epoch_time_s")
 # ---------------------------------------------------------------------------------- helpers
 
 
-HANG = 900  # seconds: a guard against a hang only, far beyond any machine's time for a run
-
-
 def start(run_dir: Path, teacher: str, *, kill: str = "", hold_at: int = 0, **extra):
     """A ``cskd train`` subprocess of the reliability run (through WRAPPER) writing to run_dir.
     ``hold_at=n``: it stops before its n-th step until :func:`release` (``hold_path``)."""
     wrapper = run_dir.parent / "kill_wrapper.py"
     wrapper.write_text(WRAPPER)
     hold = hold_path(run_dir)
+    Path(f"{hold}.reached").unlink(missing_ok=True)  # a directory reused by a later start
     if hold_at:
         hold.touch()
     env = dict(os.environ, KILL_AT=kill, HOLD_AT=f"{hold_at}:{hold}", OMP_NUM_THREADS="1")
@@ -359,7 +355,7 @@ def test_resume_after_the_training_set_grew_follows_the_new_schedule_and_says_so
     resumed run names every setting that changed, never silently."""
     run_dir = tmp_path / "run"
     process = start(run_dir, teacher_checkpoint, hold_at=3)
-    wait_for_step(run_dir, 2, process)
+    wait_until_held(run_dir, process)
     os.killpg(process.pid, signal.SIGTERM)
     release(run_dir)
     _, err = process.communicate(timeout=HANG)
@@ -401,9 +397,7 @@ def test_a_second_signal_ends_the_run_at_once(tmp_path, teacher_checkpoint):
     assert f"{run_dir / 'last.pt'} holds step 2" in line, line
     assert read_checkpoint(run_dir / "last.pt")["state"]["global_step"] == 2
     assert not (run_dir / ".cskd.lock").exists()
-    for pid in workers:  # ended, not orphaned (a zombie until init reaps it is ended)
-        stat = Path(f"/proc/{pid}/stat")
-        assert not stat.exists() or stat.read_text().split(")")[1].split()[0] == "Z", pid
+    assert all(_ended(pid) for pid in workers), workers  # not orphaned
 
 
 def test_a_signal_before_the_first_step_ends_the_run_at_once_and_leaves_nothing(
@@ -463,7 +457,7 @@ def test_a_second_run_on_a_live_run_directory_is_refused_and_a_dead_one_is_taken
     # a run killed outright leaves its lock; the next run reports it and takes it over
     killed_dir = tmp_path / "killed"
     process = start(killed_dir, teacher_checkpoint, hold_at=3)
-    wait_for_step(killed_dir, 2, process)
+    wait_until_held(killed_dir, process)
     process.kill()
     process.communicate(timeout=HANG)
     release(killed_dir)
@@ -503,6 +497,15 @@ def test_an_output_dir_that_is_a_file_or_cannot_be_created_is_one_line(
     assert "cannot create train.output_dir" in line and "Read-only file system" in line
 
 
+def _ended(pid: int) -> bool:
+    """The process is gone or a zombie (ended, not yet reaped)."""
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
 def _children(pid: int) -> list[int]:
     return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
@@ -518,6 +521,8 @@ def test_a_loader_worker_killed_mid_run_ends_the_run_in_one_line_and_it_resumes(
     workers = _children(process.pid)
     assert len(workers) >= 2, workers
     os.kill(workers[0], signal.SIGKILL)
+    while not _ended(workers[0]):  # dead before the run goes on: it meets the death next
+        time.sleep(0.02)
     release(run_dir)
     _, err = process.communicate(timeout=HANG)  # a hang fails here
     assert process.returncode == 2, err[-3000:]
