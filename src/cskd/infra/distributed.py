@@ -18,7 +18,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -148,6 +148,16 @@ def together(function: Callable[..., Result], /, *args, **kwargs) -> Result:
             "stopping this rank too"
         )
     return result
+
+
+def gather_objects(value: Any) -> list:
+    """Every rank's ``value`` (picklable), in rank order, on every rank (a collective: every rank
+    must call it); ``[value]`` in a single process."""
+    if not dist.is_initialized():
+        return [value]
+    values: list = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def check_same(value: int, *, what: str, fix: str) -> None:

@@ -30,6 +30,7 @@ from ..infra.checkpoint import write_text_atomic
 from ..infra.runlog import MetricsWriter, setup_logging
 from ..method.distiller import normalizer
 from ..teacher.cached import open_cached_teacher
+from ..teacher.store import tensors_digest
 from . import diagnostics, preflight
 from .build import (
     amp_dtype,
@@ -199,6 +200,8 @@ def _train(
     fresh = resume_path(config.train, run_dir) is None  # a resumed run's weights come from last.pt
     student = distributed.together(build_student, config, initial_weights=fresh).to(device)
     teacher = distributed.together(build_teacher, config)
+    # what the run's checkpoints record of the teacher: a resume refuses other weights
+    teacher_digest = tensors_digest(teacher.state_dict()) if teacher is not None else None
     if teacher is not None:  # compiled after the pre-flight, whose batches have other shapes
         teacher = place_teacher(config, teacher, device, compile=False)
     cached_teacher = None  # teacher.cache: the step reads the teacher's targets from disk
@@ -251,6 +254,7 @@ def _train(
         scaler=scaler,
         global_batch=global_batch,
         steps_per_epoch=steps_per_epoch,
+        teacher_digest=teacher_digest,
     )
     metrics_writer = MetricsWriter(run_dir, enabled=info.is_main, resume_step=state.global_step)
     if info.is_main:
@@ -279,6 +283,7 @@ def _train(
         global_batch=global_batch,
         steps_per_epoch=steps_per_epoch,
         class_names=class_names,
+        teacher_digest=teacher_digest,
     )
 
     trainer = Trainer(

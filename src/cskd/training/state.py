@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import random
 from dataclasses import dataclass, field
@@ -38,6 +39,17 @@ def rng_state() -> dict:
     return state
 
 
+def every_ranks_rng_state() -> list[dict]:
+    """:func:`rng_state` of every rank, in rank order, on every rank (a collective). Gathered
+    as ``torch.save`` bytes: the states hold tensors that object collectives do not pickle."""
+    if not torch.distributed.is_initialized():
+        return [rng_state()]
+    buffer = io.BytesIO()
+    torch.save(rng_state(), buffer)
+    gathered = distributed.gather_objects(buffer.getvalue())
+    return [torch.load(io.BytesIO(blob), weights_only=True) for blob in gathered]
+
+
 def set_rng_state(state: dict) -> None:
     random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
     name, keys, *rest = state["numpy"]
@@ -59,11 +71,15 @@ def checkpoint_state(
     global_batch: int,
     steps_per_epoch: int,
     class_names: list[str],
+    random_streams: list[dict] | None = None,
+    teacher_digest: str | None = None,
 ) -> dict:
     """What ``last.pt`` / ``best.pt`` hold: weights (raw and EMA), optimizer, scheduler and
-    scaler state, the run's position (:class:`TrainState`), rank 0's random streams, the global
-    batch, the config, the training classes in label order (``cskd eval`` refuses data with
-    other names), and the teacher's name and path (never its weights)."""
+    scaler state, the run's position (:class:`TrainState`), every rank's random streams
+    (``rng``: rank 0's; ``rng_ranks``: all, in rank order), the global batch, the config, the
+    training classes in label order (``cskd eval`` refuses data with other names), and the
+    teacher's name, path and weights digest (never its weights: a resume refuses a teacher
+    file that changed)."""
     return {
         "student": student.state_dict(),
         "ema": ema.module.state_dict() if ema is not None else None,
@@ -79,7 +95,8 @@ def checkpoint_state(
             "epoch_sums": dict(state.epoch_sums),
             "epoch_steps": state.epoch_steps,
         },
-        "rng": rng_state(),  # rank 0's
+        "rng": random_streams[0] if random_streams else rng_state(),  # rank 0's
+        "rng_ranks": random_streams or [rng_state()],
         "global_batch": global_batch,  # state.step_in_epoch counts steps of this many images
         "steps_per_epoch": steps_per_epoch,
         "config": to_dict(config),
@@ -88,6 +105,7 @@ def checkpoint_state(
             "name": config.teacher.name,
             "checkpoint": config.teacher.checkpoint,
             "pretrained_tag": config.teacher.pretrained_tag,
+            "weights_sha256": teacher_digest,
         },
     }
 
@@ -109,6 +127,7 @@ class Checkpoints:
     global_batch: int
     steps_per_epoch: int
     class_names: list[str]
+    teacher_digest: str | None = None  # tensors_digest of the teacher's weights
 
     def __post_init__(self) -> None:
         # what each checkpoint file holds, as a global step: a resumed run's last.pt holds where
@@ -137,8 +156,18 @@ class Checkpoints:
         return held
 
     def save(self, name: str) -> None:
-        """Write ``name`` (rank 0); :class:`NonFiniteError` instead, before anything is written,
-        when a weight of the student or its EMA is NaN or infinite."""
+        """Write ``name`` (rank 0, with every rank's random streams: a collective, so every rank
+        calls it at the same step); :class:`NonFiniteError` on every rank instead, before
+        anything is written, when a weight of the student or its EMA is NaN or infinite."""
+        random_streams = every_ranks_rng_state()
+        weights = [self.student.state_dict()]
+        if self.ema is not None:
+            weights.append(self.ema.module.state_dict())
+        if any(non_finite(state) for state in weights):
+            raise NonFiniteError(
+                f"the student's weights are not finite after step {self.state.global_step}, "
+                f"so {name} was not written (lower optim.lr, set optim.clip_grad or use bf16)"
+            )
         if not self.is_main:
             return
         blob = checkpoint_state(
@@ -152,12 +181,9 @@ class Checkpoints:
             global_batch=self.global_batch,
             steps_per_epoch=self.steps_per_epoch,
             class_names=self.class_names,
+            random_streams=random_streams,
+            teacher_digest=self.teacher_digest,
         )
-        if non_finite(blob["student"]) or non_finite(blob["ema"] or {}):
-            raise NonFiniteError(
-                f"the student's weights are not finite after step {self.state.global_step}, "
-                f"so {name} was not written (lower optim.lr, set optim.clip_grad or use bf16)"
-            )
         save_atomic(blob, self.run_dir / name)
         self.saved[name] = self.state.global_step
 
@@ -200,6 +226,7 @@ def resume_run(
     scaler: torch.amp.GradScaler | None,
     global_batch: int,
     steps_per_epoch: int,
+    teacher_digest: str | None = None,
 ) -> TrainState:
     """The state to train from: a fresh one, or the resumed run's (:func:`restore`); drops what a
     killed run logged after its last checkpoint, and checks that every rank resumes alike."""
@@ -211,6 +238,8 @@ def resume_run(
             source=source,
             config=config,
             rank=info.rank,
+            world_size=info.world_size,
+            teacher_digest=teacher_digest,
             student=student,
             ema=ema,
             optimizer=optimizer,
@@ -235,6 +264,8 @@ def restore(
     source: Path,
     config: Config,
     rank: int,
+    world_size: int = 1,
+    teacher_digest: str | None = None,
     student: torch.nn.Module,
     ema: torch.nn.Module | None,
     optimizer: torch.optim.Optimizer,
@@ -248,9 +279,18 @@ def restore(
     one built from this run's config is moved to the resumed position, as timm's train.py does,
     so a run resumed with more images, another batch or other epochs follows the schedule of
     its new length. Every setting that differs from the saved run's is named in one warning.
-    With another global batch the epoch resumes at the step covering the same images; the
-    random streams are rank 0's, other ranks start new ones."""
+    With another global batch the epoch resumes at the step covering the same images. Each rank
+    takes its own saved random streams (exact resume); with another world size, rank 0 takes
+    rank 0's and the others start new ones. A teacher whose weights differ from those the run
+    was trained with (``teacher_digest``, when both are known) is refused."""
     preflight.check_resume(checkpoint, path=source, config=config, student=student, ema=ema)
+    saved_teacher = (checkpoint.get("teacher") or {}).get("weights_sha256")
+    if saved_teacher and teacher_digest and saved_teacher != teacher_digest:
+        raise ConfigError(
+            f"teacher.checkpoint {config.teacher.checkpoint or config.teacher.name} holds other "
+            f"weights than the run in {source} was trained with (digest {teacher_digest[:12]}, "
+            f"saved {saved_teacher[:12]}): put the original teacher back, or start a new run"
+        )
     student.load_state_dict(checkpoint["student"])
     if ema is not None and checkpoint.get("ema") is not None:
         ema.module.load_state_dict(checkpoint["ema"])
@@ -284,9 +324,13 @@ def restore(
             f"apply from epoch {state.epoch} step {state.step_in_epoch} of {steps_per_epoch}, "
             "and the learning rate and a(t) follow the schedule they give"
         )
-    set_rng_state(checkpoint["rng"])
-    if rank:  # the checkpoint holds rank 0's random streams; the others start new ones
-        seed_everything(sample_seed(config.train.seed, state.global_step, rank, 2**32 - 2))
+    streams = checkpoint.get("rng_ranks") or [checkpoint["rng"]]
+    if len(streams) == world_size:
+        set_rng_state(streams[rank])
+    else:  # another world size: rank 0 continues rank 0's streams, the others start new ones
+        set_rng_state(streams[0])
+        if rank:
+            seed_everything(sample_seed(config.train.seed, state.global_step, rank, 2**32 - 2))
     scheduler.step_update(num_updates=state.epoch * steps_per_epoch + state.step_in_epoch)
     log.info(f"resumed from {source} at epoch {state.epoch} step {state.global_step}")
     return state
