@@ -200,3 +200,58 @@ def test_validate_checks_auto_rules_as_they_would_resolve():
     config.train.best_rule = "cls+dist"
     with pytest.raises(ConfigError, match="train.best_rule=cls\\+dist uses a head"):
         validate(config)
+
+
+# ------------------------------------------------- recipes read strictly (issue 29, item 7)
+
+
+def _recipe(tmp_path, name: str, text: str | bytes):
+    path = tmp_path / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"}, "cycle"),
+        ({"a.yaml": "base: a.yaml\n"}, "cycle"),
+        ({"a.yaml": "base: [b.yaml]\n"}, "base: must be one file name"),
+        ({"a.yaml": "base: 3\n"}, "base: must be one file name"),
+        ({"a.yaml": b"optim: {lr: 0.1}\n# caf\xe9\n"}, "not UTF-8"),
+        ({"a.yaml": "optim: {lr: 0.1}\noptim: {epochs: 3}\n"}, "duplicate key optim"),
+        ({"a.yaml": "optim: {lr: 0.1, lr: 0.2}\n"}, "duplicate key lr"),
+        ({"a.yaml": "x: &a [1, 2]\noptim: {epochs: *a}\n"}, "anchors and aliases"),
+        ({"a.yaml": "# " + "x" * 2_000_000 + "\n"}, "larger than"),
+    ],
+    ids=["cycle", "self", "list", "number", "latin1", "dup-section", "dup-key", "alias", "huge"],
+)
+def test_a_recipe_a_careful_yaml_reader_would_reject_is_one_config_error(tmp_path, files, expected):
+    for name, text in files.items():
+        _recipe(tmp_path, name, text)
+    with pytest.raises(ConfigError, match=expected):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_a_billion_laughs_recipe_is_refused_at_once(tmp_path):
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 30)]
+    path = _recipe(tmp_path, "a.yaml", "\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match="anchors and aliases"):
+        load_config(path)
+
+
+def test_an_override_with_an_alias_or_a_huge_value_is_one_short_line():
+    with pytest.raises(ConfigError, match="anchors and aliases"):
+        load_config(None, ["optim.epochs=[&a 1, *a]"])
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["optim.epochs=" + "9" * 100_000])
+    assert len(str(error.value)) < 1000
+
+
+def test_an_error_line_quoting_a_huge_value_stays_short(capsys):
+    from cskd.cli import main
+
+    assert main(["config", "optim.epochs=[" + "1, " * 200_000 + "1]"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("cskd config: error: optim.epochs") and len(line) < 2200, line[:300]

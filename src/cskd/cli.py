@@ -159,12 +159,17 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:
         where = f" (rank {_rank()})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         message = " ".join(str(error).split("\n"))  # one line, whatever the error holds
+        if len(message) > MAX_MESSAGE:  # a value quoted whole can run to megabytes
+            message = f"{message[:MAX_MESSAGE]}... ({len(message):,} characters in all)"
         print(f"cskd {args.command}: error{where}: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cskd {args.command}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+MAX_MESSAGE = 2000  # characters of an error line
 
 
 def _rank() -> int:

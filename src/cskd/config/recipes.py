@@ -17,6 +17,49 @@ from .rules import resolve, validate
 from .schema import Config
 
 SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+MAX_RECIPE_BYTES = 1_000_000  # a recipe is a few kB; anything near this is not one
+
+
+class StrictLoader(yaml.SafeLoader):
+    """YAML as a careful reader takes it: a key given twice in one mapping, and anchors and
+    aliases (``&a`` / ``*a``: a few hundred bytes of them expand to gigabytes), are refused
+    instead of silently keeping the last value or building the expansion."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent) or getattr(self.peek_event(), "anchor", None):
+            mark = self.peek_event().start_mark
+            raise ConfigError(
+                f"YAML anchors and aliases (&name, *name) are not read in recipes (line "
+                f"{mark.line + 1}): write the values out"
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(
+                    f"duplicate key {key} (line {key_node.start_mark.line + 1}): YAML keeps only "
+                    "the last one; write each key once"
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str, *, where: str) -> Any:
+    """``text`` parsed by :class:`StrictLoader`; :class:`ConfigError` naming ``where`` for text
+    that is not valid YAML, or holds what the loader refuses."""
+    try:
+        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from None
+    except (yaml.YAMLError, ValueError) as error:  # ValueError: an int of over 4,300 digits
+        raise ConfigError(f"{where} is not valid YAML: {_short(str(error), 300)}") from None
+
+
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text):,} characters)"
 
 
 def _convert(value: Any, kind: Any, key: str) -> Any:
@@ -86,20 +129,38 @@ def _merge(base: dict, update: dict) -> dict:
     return merged
 
 
-def read_recipe(path: str | Path) -> dict:
-    """The raw mapping of a recipe, with ``base:`` files merged underneath it."""
+def read_recipe(path: str | Path, *, chain: tuple[Path, ...] = ()) -> dict:
+    """The raw mapping of a recipe, with ``base:`` files merged underneath it. Refused with
+    :class:`ConfigError`: a missing, oversized or non-UTF-8 file, YAML :class:`StrictLoader`
+    rejects, a ``base:`` that is not one file name, and a ``base:`` chain that comes back to a
+    file already in it (``chain``: the files that led here)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
+    if path.resolve() in chain:
+        names = " -> ".join(str(p.name) for p in (*chain, path.resolve()))
+        raise ConfigError(f"config file {path}: its base: chain is a cycle ({names})")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise ConfigError(
+            f"config file {path} is larger than {MAX_RECIPE_BYTES:,} bytes: not a recipe"
+        )
     try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"config file {path} is not valid YAML: {error}") from error
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {error.start}): save it as UTF-8"
+        ) from None
+    values = load_yaml(text, where=f"config file {path}") or {}
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections")
     base = values.pop("base", None)
+    if base is not None and (not isinstance(base, str) or not base.strip()):
+        raise ConfigError(
+            f"config file {path}: base: must be one file name (a recipe to build on), got "
+            f"{_short(repr(base))}"
+        )
     if base:
-        return _merge(read_recipe(path.parent / base), values)
+        return _merge(read_recipe(path.parent / base, chain=(*chain, path.resolve())), values)
     return values
 
 
@@ -108,8 +169,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value")
     key, raw = text.split("=", 1)
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise ConfigError(f"override {key.strip()}: a value of {len(raw):,} characters")
     try:
-        value = yaml.safe_load(raw) if raw else ""
+        value = yaml.load(raw, Loader=StrictLoader) if raw else ""  # noqa: S506
+    except ConfigError as error:
+        raise ConfigError(f"override {key.strip()}: {error}") from None
+    except ValueError as error:  # an int of over 4,300 digits
+        raise ConfigError(f"override {key.strip()}: {_short(str(error))}") from None
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
