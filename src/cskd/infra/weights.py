@@ -104,14 +104,19 @@ def read_state_dict(path: str | os.PathLike, *, ema: bool = False) -> tuple[dict
 
 
 def non_finite(state: dict[str, Any]) -> list[str]:
-    """The names of the floating-point tensors in ``state`` holding NaN or an infinity."""
-    return [
-        name
+    """The names of the floating-point tensors in ``state`` holding NaN or an infinity. One
+    device sync for the whole state (the names are found only when something is wrong)."""
+    tensors = {
+        name: value
         for name, value in state.items()
-        if isinstance(value, torch.Tensor)
-        and value.is_floating_point()
-        and not bool(torch.isfinite(value).all())
-    ]
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel()
+    }
+    if not tensors:
+        return []
+    flags = torch.stack([torch.isfinite(value).all() for value in tensors.values()])
+    if bool(flags.all()):
+        return []
+    return [name for name, finite in zip(tensors, flags.tolist()) if not finite]
 
 
 def check_finite(state: dict[str, Any], *, path: str | os.PathLike) -> None:
