@@ -255,3 +255,32 @@ def test_an_error_line_quoting_a_huge_value_stays_short(capsys):
     assert main(["config", "optim.epochs=[" + "1, " * 200_000 + "1]"]) == 2
     line = capsys.readouterr().err.strip()
     assert line.startswith("cskd config: error: optim.epochs") and len(line) < 2200, line[:300]
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.seed=-1", "train.seed"),
+        ("train.seed=99999999999999999999", "train.seed"),
+        ("train.device=gpu", "train.device"),
+        ("train.device=cuda:x", "train.device"),
+        ("data.num_classes=1000000000000", "data.num_classes"),
+    ],
+)
+def test_values_that_failed_only_after_the_preflight_are_refused_when_the_recipe_loads(
+    override, expected
+):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(Path(__file__).parents[1] / "configs/fashion_mnist/cskd.yaml", [override])
+
+
+def test_an_optimizer_name_timm_does_not_know_is_refused_before_anything_runs(tmp_path, capsys):
+    from cskd.cli import main
+
+    recipe = Path(__file__).parents[1] / "configs/fashion_mnist/cskd.yaml"
+    run = ["--config", str(recipe), f"train.output_dir={tmp_path / 'run'}", "optim.name=adamww"]
+    assert main(["train", *run]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "optim.name adamww" in line and "adamw" in line.split("adamww", 1)[1], line
+    assert not (tmp_path / "run").exists()
+    assert main(["config", "--config", str(recipe), "optim.name=lookahead_adamw"]) == 0

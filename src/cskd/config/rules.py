@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 from ..errors import ConfigError
 from ..method.adapters import INFERENCE_RULES
@@ -23,7 +24,30 @@ def validate(config: Config) -> Config:
     _check_rules(config)
     _check_normalisation(config)
     _check_initial_weights(config)
+    _check_run_values(config)
     return config
+
+
+MAX_SEED = 2**31 - 1  # numpy takes seeds below 2**32; seed + rank must stay below it
+MAX_CLASSES = 1_000_000  # a head of more would be gigabytes before the first step
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+
+
+def _check_run_values(config: Config) -> None:
+    """Values that used to fail only once the run was built, with a traceback: the seed's
+    range, the device's form, the class count."""
+    if not 0 <= config.train.seed <= MAX_SEED:
+        raise ConfigError(f"train.seed must lie in [0, {MAX_SEED}], got {config.train.seed}")
+    if not DEVICE.fullmatch(config.train.device):
+        raise ConfigError(
+            f"train.device {config.train.device!r} is not a device: auto | cpu | cuda | cuda:N "
+            "| mps"
+        )
+    if config.data.num_classes > MAX_CLASSES:
+        raise ConfigError(
+            f"data.num_classes {config.data.num_classes} is more than {MAX_CLASSES:,}: set it "
+            "to the number of classes of the data"
+        )
 
 
 def _check_fields(config: Config) -> None:

@@ -11,6 +11,7 @@ bad input                                                     refused by
 unknown config key, wrong type, out-of-range value            ``config.load_config``
 library-set key inside kwargs (num_classes, in_chans, ...)    ``config.load_config``
 unknown timm model name, unknown model keyword argument       :func:`check_models`
+unknown optimizer name                                        :func:`check_optimizer_name`
 cskd student with no patch grid or final map (XCiT, PiT)       :func:`check_models`
 output directory holding another run (no resume/overwrite)    ``training.rundir.prepare_run_dir``
 empty output directory, or one that is or holds an input      ``training.rundir.check_output_dir``
@@ -44,6 +45,7 @@ dataset raises naming the file, or skips it under ``data.skip_corrupt``.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -96,6 +98,7 @@ def check_models(config: Config) -> None:
             config.teacher.kwargs,
             defaults={"num_classes": config.data.num_classes, "in_chans": config.data.in_chans},
         )
+    check_optimizer_name(config.optim.name)
     for section, model in (("student", student), ("teacher", teacher)):
         if model is not None and no_classifier(model):
             raise ConfigError(
@@ -124,6 +127,22 @@ def check_models(config: Config) -> None:
             f"{problem}; use a ViT with a patch grid (ViT, DeiT, EVA, BEiT, CaiT), or "
             "distill.method=deit (it trains this student on its class token)"
         )
+
+
+def check_optimizer_name(name: str) -> None:
+    """Refuse an optimizer timm's factory does not know (it reads the part after the last
+    ``_``: ``lookahead_adamw`` is AdamW under Lookahead), naming the nearest ones."""
+    from timm.optim import list_optimizers
+
+    known = list_optimizers()
+    if name.lower().split("_")[-1] in known:
+        return
+    near = difflib.get_close_matches(name.lower(), known, n=3)
+    raise ConfigError(
+        f"optim.name {name} is not a timm optimizer"
+        + (f" (did you mean {', '.join(near)}?)" if near else "")
+        + ": see timm.optim.list_optimizers()"
+    )
 
 
 def check_student_grid(
