@@ -4,7 +4,8 @@ The interruption tests run real ``cskd train`` processes on synthetic 32 px imag
 random erasing, RandAugment, drop path, EMA and per-step CKF progress all on) and kill them with
 SIGKILL at chosen moments, through :data:`WRAPPER`: a script that patches, in its own process
 only, cskd's atomic write (to die before or half-way through writing a chosen file) and the
-training step (to sleep, so that the test can pick its moment). Each run resumes with
+training step (to hold before a chosen step until the test releases it, so that the test acts at
+a known moment however slow the machine). Each run resumes with
 ``train.resume=auto`` and must end bit for bit like the uninterrupted run: weights, EMA weights,
 checkpoints (optimizer, scheduler, RNG states) and every metrics record except wall-clock
 timings (``images_per_s``, ``epoch_time_s``), which cannot repeat. The rest of the faults run in
@@ -38,7 +39,7 @@ from cskd.infra.checkpoint import read_file
 from cskd.training.state import read_checkpoint
 
 WRAPPER = r'''
-"""``cskd train`` that SIGKILLs itself at a planned moment (for tests/test_reliability.py).
+"""``cskd train`` that SIGKILLs itself at a planned moment (for tests/training/test_reliability.py).
 
 KILL_AT=<file name>:<n>:<phase>: at the n-th atomic write of that file, die before writing
 anything (phase "before") or after writing half its bytes to the temporary file and syncing them
@@ -521,7 +522,9 @@ def test_a_loader_worker_killed_mid_run_ends_the_run_in_one_line_and_it_resumes(
     workers = _children(process.pid)
     assert len(workers) >= 2, workers
     os.kill(workers[0], signal.SIGKILL)
+    deadline = time.monotonic() + HANG
     while not _ended(workers[0]):  # dead before the run goes on: it meets the death next
+        assert time.monotonic() < deadline, "a SIGKILLed worker never ended"
         time.sleep(0.02)
     release(run_dir)
     _, err = process.communicate(timeout=HANG)  # a hang fails here
