@@ -20,6 +20,15 @@ def normalizer(mean, std, device) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
+def teacher_responses(
+    teacher: DenseTeacher, images: torch.Tensor, *, mean: torch.Tensor, std: torch.Tensor
+) -> TeacherOutput:
+    """The frozen teacher's output for ``images`` (N, C, S, S) normalised with the student's
+    ``mean`` / ``std`` (each (1, C, 1, 1)): the same pixels in the teacher's own normalisation
+    (:meth:`DenseTeacher.renormalize`), as the release runs its teacher on the mixed batch."""
+    return teacher(teacher.renormalize(images, mean=mean, std=std))
+
+
 def distill(
     student: nn.Module,
     teacher: DenseTeacher | None,
@@ -48,8 +57,7 @@ def distill(
         loss, parts = objective(cls_logits=output.cls_logits, targets=targets, weights=weights)
         return loss, parts, output
     if teacher_output is None:
-        pixels = teacher.renormalize(images, mean=student_mean, std=student_std)
-        teacher_output = teacher(pixels)
+        teacher_output = teacher_responses(teacher, images, mean=student_mean, std=student_std)
     dense = weights.method == "cskd"
     output = student(
         images,

@@ -22,7 +22,7 @@ from ..errors import NonFiniteError, NonFiniteLossError
 from ..infra.distributed import all_reduce_sum
 from ..infra.weights import non_finite
 from ..method.adapters import TeacherOutput
-from ..method.distiller import Distiller
+from ..method.distiller import Distiller, teacher_responses
 from ..method.schedules import training_progress
 from ..teacher.cached import CachedTeacher, mix_with_partner_weights
 from .state import TrainState
@@ -139,11 +139,11 @@ class Trainer:
         if teacher is None or self.distiller.weights.method == "none":
             return None
         mean, std = self.distiller.student_mean, self.distiller.student_std
-        return teacher(teacher.renormalize(images, mean=mean, std=std))
+        return teacher_responses(teacher, images, mean=mean, std=std)
 
     def weights_finite(self) -> bool:
-        """Whether every weight of the student (and its EMA) is finite: one pass over them,
-        run at each log interval and before every save."""
+        """Whether every weight of the student (and its EMA) is finite: one pass over them and
+        one sync, run at each log interval (``Checkpoints.save`` checks again before writing)."""
         modules = [unwrap(self.distiller.student)]
         if self.ema is not None:
             modules.append(self.ema.module)
